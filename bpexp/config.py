@@ -1,0 +1,300 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+Closed choices are enums, so a typo fails at composition with the allowed values listed; ranges and
+cross-field rules are checked in ``__post_init__``, which runs when ``to_config`` turns the composed
+DictConfig into these dataclasses (before any data, model or run exists).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that composes but makes no sense; the message names the key and what is allowed."""
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DataName(Enum):
+    gaussian = "gaussian"
+    teacher = "teacher"
+    spirals = "spirals"
+    blobs = "blobs"
+    digits = "digits"
+    idx = "idx"
+
+
+class Activation(Enum):
+    identity = "identity"
+    sigmoid = "sigmoid"
+    tanh = "tanh"
+    relu = "relu"
+    leaky_relu = "leaky_relu"
+    elu = "elu"
+    selu = "selu"
+    gelu = "gelu"
+    softplus = "softplus"
+
+
+class Init(Enum):
+    default = "default"  # PyTorch's own nn.Linear init
+    normal = "normal"
+    uniform = "uniform"
+    xavier_normal = "xavier_normal"
+    xavier_uniform = "xavier_uniform"
+    kaiming_normal = "kaiming_normal"
+    kaiming_uniform = "kaiming_uniform"
+    lecun_normal = "lecun_normal"
+    orthogonal = "orthogonal"
+
+
+class Norm(Enum):
+    none = "none"
+    batchnorm = "batchnorm"
+    layernorm = "layernorm"
+
+
+class OptimName(Enum):
+    sgd = "sgd"
+    momentum = "momentum"
+    nesterov = "nesterov"
+    adam = "adam"
+    adamw = "adamw"
+    rmsprop = "rmsprop"
+    adagrad = "adagrad"
+
+
+class Schedule(Enum):
+    constant = "constant"
+    cosine = "cosine"
+    step = "step"
+
+
+class DType(Enum):
+    float32 = "float32"
+    float64 = "float64"
+
+
+class TrackingBackend(Enum):
+    mlflow = "mlflow"
+    none = "none"
+
+
+# Data sets whose shape is fixed by the data itself, not by data.in_dim / data.out_dim.
+FIXED_SHAPE = {DataName.spirals: (2, None), DataName.digits: (64, 10), DataName.idx: (None, None)}
+
+
+@dataclass
+class DataConfig:
+    name: DataName = MISSING
+    """Which data set: synthetic (gaussian, teacher, spirals, blobs) or real (digits, idx)."""
+    n_train: int = 1024
+    """Training examples (for idx and digits: at most this many)."""
+    n_val: int = 256
+    """Validation examples, split off with the seed."""
+    in_dim: int | None = 16
+    """Input features of synthetic data (spirals: 2; digits and idx: set by the files)."""
+    out_dim: int | None = 4
+    """Regression targets, or classes for classification data (digits and idx: set by the files)."""
+    standardize: bool = True
+    """Z-score every input feature with the training split's mean and std (a best practice under study)."""
+    noise: float = 0.1
+    """Target noise std (regression) or point jitter (spirals, blobs)."""
+    path: str | None = None
+    """Folder with MNIST-format IDX files (data=idx only)."""
+
+    def __post_init__(self) -> None:
+        require(self.n_train >= 1, "data.n_train", self.n_train, "an integer ≥ 1")
+        require(self.n_val >= 1, "data.n_val", self.n_val, "an integer ≥ 1")
+        require(self.noise >= 0, "data.noise", self.noise, "a number ≥ 0")
+        for key in ("in_dim", "out_dim"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, f"data.{key}", value, "an integer ≥ 1")
+        if self.name in FIXED_SHAPE:
+            for key, fixed in zip(("in_dim", "out_dim"), FIXED_SHAPE[self.name], strict=True):
+                value = getattr(self, key)
+                require(
+                    fixed is None or value in (None, fixed),
+                    f"data.{key}",
+                    value,
+                    f"{fixed} or null ({self.name.value} has {fixed} by construction)",
+                )
+        else:
+            require(self.in_dim is not None, "data.in_dim", None, "an integer ≥ 1 for synthetic data")
+            require(self.out_dim is not None, "data.out_dim", None, "an integer ≥ 1 for synthetic data")
+        if self.name == DataName.blobs or self.name == DataName.spirals:
+            require(self.out_dim is None or self.out_dim >= 2, "data.out_dim", self.out_dim, "≥ 2 classes")
+        if self.name == DataName.idx:
+            require(self.path is not None, "data.path", None, "a folder with IDX files (data=idx)")
+            require(Path(self.path).is_dir(), "data.path", self.path, "an existing folder with IDX files")
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 4
+    """Hidden layers; the net has L = depth + 1 Linear layers."""
+    width: int = 64
+    """Units per hidden layer."""
+    activation: Activation = Activation.relu
+    """Nonlinearity f of every hidden layer (the output layer is linear)."""
+    init: Init = Init.default
+    """Weight init; variance-scaling inits and orthogonal are multiplied by init_gain."""
+    init_std: float = 0.01
+    """Std of every weight for init=normal (and half-width of init=uniform)."""
+    init_gain: float = 1.0
+    """σ_w: lecun_normal with gain σ_w gives W ~ N(0, σ_w²/fan_in)."""
+    bias_std: float = 0.0
+    """σ_b: 0 = zero biases, else b ~ N(0, σ_b²) (init=default keeps PyTorch's bias init)."""
+    norm: Norm = Norm.none
+    """Normalization after each hidden Linear: none, batchnorm or layernorm."""
+    dropout: float = 0.0
+    """Dropout probability after each hidden activation."""
+    residual: bool = False
+    """a^(l) = a^(l-1) + f(z^(l)) for hidden layers 2..L-1 (same width in and out)."""
+
+    def __post_init__(self) -> None:
+        require(self.depth >= 0, "model.depth", self.depth, "an integer ≥ 0 (hidden layers)")
+        require(self.width >= 1, "model.width", self.width, "an integer ≥ 1")
+        require(self.init_std > 0, "model.init_std", self.init_std, "a number > 0")
+        require(self.init_gain > 0, "model.init_gain", self.init_gain, "a number > 0")
+        require(self.bias_std >= 0, "model.bias_std", self.bias_std, "a number ≥ 0")
+        require(0 <= self.dropout < 1, "model.dropout", self.dropout, "a probability in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    name: OptimName = MISSING
+    """Optimizer: sgd, momentum, nesterov, adam, adamw, rmsprop, adagrad."""
+    lr: float = 0.01
+    """Learning rate η."""
+    momentum: float = 0.9
+    """Momentum of momentum/nesterov (and rmsprop's, when > 0 there)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam's β1, β2."""
+    weight_decay: float = 0.0
+    """L2 penalty (decoupled for adamw)."""
+    schedule: Schedule = Schedule.constant
+    """Learning-rate schedule over train.steps: constant, cosine, or step (×0.1 at 1/2 and 3/4)."""
+    clip_norm: float | None = None
+    """Clip the global gradient norm to this value after the probes read it; null = off."""
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "optim.lr", self.lr, "a number > 0")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number ≥ 0")
+        require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a number in [0, 1)")
+        require(len(self.betas) == 2, "optim.betas", self.betas, "two numbers [β1, β2]")
+        require(
+            self.clip_norm is None or self.clip_norm > 0, "optim.clip_norm", self.clip_norm, "null or > 0"
+        )
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int = 500
+    """Optimizer steps; 0 = probe at initialization only (signal-propagation studies)."""
+    batch_size: int | None = 128
+    """Examples per step; null = full batch."""
+    eval_every: int = 50
+    """Validation loss every this many steps (and at the start and the end)."""
+    dtype: DType = DType.float32
+    """Parameter and data dtype."""
+    threads: int = 1
+    """torch intra-op threads; 1 suits small MLPs and one-job-per-core sweeps."""
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 0, "train.steps", self.steps, "an integer ≥ 0")
+        bs = self.batch_size
+        require(bs is None or bs >= 1, "train.batch_size", bs, "null (full batch) or ≥ 1")
+        require(self.eval_every >= 1, "train.eval_every", self.eval_every, "an integer ≥ 1")
+        require(self.threads >= 1, "train.threads", self.threads, "an integer ≥ 1")
+
+
+@dataclass
+class ProbesConfig:
+    every: int = 10
+    """Probe every this many steps (step 0 and the last step always)."""
+    enabled: bool = True
+    """false = no per-layer probes (losses are still logged)."""
+
+    def __post_init__(self) -> None:
+        require(self.every >= 1, "probes.every", self.every, "an integer ≥ 1")
+
+
+@dataclass
+class TrackingConfig:
+    backend: TrackingBackend = TrackingBackend.mlflow
+    """mlflow, or none to run without a tracking store."""
+    uri: str | None = None
+    """Tracking URI; null = $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db."""
+    experiment: str = "bpexp"
+    """MLflow experiment name."""
+    run_name: str | None = None
+    """null = data-d<depth>w<width>-<activation>-<init>-<optim>-s<seed>."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    optim: OptimConfig = MISSING
+    probes: ProbesConfig = MISSING
+    tracking: TrackingConfig = MISSING
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    seed: int = 0
+    """Seeds data, init, batches and dropout: same seed, bit-identical metrics."""
+    device: Device = Device.auto
+    """auto = cuda when available, else cpu."""
+
+
+def register() -> None:
+    """Store the schemas under base_* names; each YAML names its schema first in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for group, node in [
+        ("data", DataConfig),
+        ("model", ModelConfig),
+        ("optim", OptimConfig),
+        ("probes", ProbesConfig),
+        ("tracking", TrackingConfig),
+    ]:
+        cs.store(group=group, name=f"base_{group}", node=node)
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """The composed config as typed dataclasses; raises ConfigError on a value out of range."""
+    return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+
+
+def flatten(cfg: Config | DictConfig) -> dict[str, Any]:
+    """Dotted keys -> plain values (enums as their names): the run's params."""
+    node = OmegaConf.structured(cfg) if not isinstance(cfg, DictConfig) else cfg
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            flat[prefix] = value
+
+    walk("", OmegaConf.to_container(node, resolve=True, enum_to_str=True))
+    return flat
+
+
+register()
