@@ -40,8 +40,9 @@ class MLP(nn.Module):
         self.f = ACTIVATIONS[cfg.activation]
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.residual = cfg.residual
-        self.keep_z = False  # set on probe steps: forward then fills self.z
+        self.keep_z = False  # set on probe steps: forward then fills self.z and self.a
         self.z: list[torch.Tensor] = []  # z^(1) … z^(L), each (batch, width_l), grads retained
+        self.a: list[torch.Tensor] = []  # f(·) of hidden layers 1 … L-1 before dropout, (batch, width)
 
     @property
     def n_layers(self) -> int:
@@ -49,22 +50,22 @@ class MLP(nn.Module):
         return len(self.linears)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.z = []
+        self.z, self.a = [], []
         a = x
         for l, linear in enumerate(self.linears, start=1):
-            z = self.remember(linear(a))
+            z = linear(a)
+            if self.keep_z:
+                self.z.append(z)
+                if z.requires_grad:
+                    z.retain_grad()
             if l == self.n_layers:
                 return z  # linear output layer: a^(L) = z^(L)
-            h = self.dropout(self.f(self.norms[l - 1](z)))
+            h = self.f(self.norms[l - 1](z))
+            if self.keep_z:
+                self.a.append(h.detach())
+            h = self.dropout(h)
             a = a + h if self.residual and l > 1 else h
         raise AssertionError("unreachable: an MLP has at least one layer")
-
-    def remember(self, z: torch.Tensor) -> torch.Tensor:
-        if self.keep_z:
-            if z.requires_grad:
-                z.retain_grad()
-            self.z.append(z)
-        return z
 
 
 def make_norm(norm: Norm, width: int) -> nn.Module:

@@ -1,0 +1,201 @@
+"""Per-layer telemetry read between backward and the optimizer step, and the diagnosis it supports.
+
+Cost: on a probe step, a handful of batched kernels (``torch._foreach_norm`` over all layers at once, one
+stacked reduction over the hidden activations), one copy of the weights for the update ratio, and one
+host sync for everything. Off the probe interval: nothing. All norms are float64, because float32
+squares underflow to an exact 0 below ~1e-19, which deep badly-initialized nets reach.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from bpexp.config import Activation
+from bpexp.model import MLP
+
+F64 = torch.float64
+TINY = 1e-300  # floor before log10, so an exact-zero norm gives a finite (very negative) ratio
+
+# Units whose f'(z) < 0.05·max f' count as saturated; f' is read off the output a = f(z).
+SATURATION_DERIVATIVE = {
+    Activation.sigmoid: lambda a: a * (1 - a) / 0.25,
+    Activation.tanh: lambda a: 1 - a * a,
+    Activation.softplus: lambda a: -torch.expm1(-a),  # f' = sigmoid(z) = 1 - e^{-softplus(z)}
+}
+# Activations with f(z) <= 0 exactly when z <= 0: a unit at or below 0 on the whole batch is dead.
+DEAD_FAMILY = {Activation.relu, Activation.leaky_relu, Activation.elu, Activation.selu, Activation.gelu}
+
+# Diagnosis thresholds (read at one probe step).
+DECADES = 2.0  # |log10(‖δ^(1)‖/‖δ^(L)‖)| above this: the error signal vanishes/explodes by >100×
+SATURATED_SHARE = 0.5  # mean share of saturated units over hidden layers
+DEAD_SHARE = 0.5  # share of dead units in the worst hidden layer
+
+
+def layer_key(quantity: str, l: int) -> str:
+    """`grad_norm/l007`: zero-padded so the MLflow UI sorts layers in order."""
+    return f"{quantity}/l{l:03d}"
+
+
+def split_key(key: str) -> tuple[str, int | None]:
+    """Inverse of layer_key: 'grad_norm/l007' -> ('grad_norm', 7); 'train/loss' -> ('train/loss', None)."""
+    quantity, _, last = key.rpartition("/")
+    if quantity and last[:1] == "l" and last[1:].isdigit():
+        return quantity, int(last[1:])
+    return key, None
+
+
+class Probes:
+    """Reads one MLP's per-layer signals; `read` after backward, `collect` after the optimizer step."""
+
+    def __init__(self, model: MLP, every: int, enabled: bool = True):
+        self.model = model
+        self.every = every
+        self.enabled = enabled
+        self.weights = [linear.weight for linear in model.linears]
+        self.biases = [linear.bias for linear in model.linears]
+        self.pending: dict[str, torch.Tensor] = {}
+        self.scalars: dict[str, torch.Tensor] = {}
+        self.before: list[torch.Tensor] = []
+
+    def due(self, step: int, last_step: int) -> bool:
+        return self.enabled and (step % self.every == 0 or step == last_step)
+
+    @torch.no_grad()
+    def read(self, delta: list[torch.Tensor], scalars: dict[str, torch.Tensor]) -> None:
+        """Gradients, δ^(l) (each (batch, width_l)), weights and activations, as device tensors (no sync).
+
+        Call between backward and clipping; also snapshots W for the update ratio. `scalars` (e.g. the
+        batch loss) ride along to the same sync under their own keys.
+        """
+        self.scalars = {key: value.detach().to(F64).reshape(1) for key, value in scalars.items()}
+        grad_w = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.weights]
+        grad_b = [b.grad if b.grad is not None else torch.zeros_like(b) for b in self.biases]
+        p = self.pending = {
+            "grad_norm": norms(grad_w),
+            "grad_norm_b": norms(grad_b),
+            "delta_norm": norms(delta),
+            "weight_norm": norms(self.weights),
+        }
+        p.update(self.activation_stats())
+        self.before = [w.detach().clone() for w in self.weights]
+
+    def activation_stats(self) -> dict[str, torch.Tensor]:
+        """Mean, spread, saturation and dead share of a^(1) … a^(L) over the batch (a^(L) = z^(L))."""
+        model = self.model
+        out = model.z[-1].detach().to(F64)
+        stats = {"act_mean": out.mean().reshape(1), "act_std": out.std().reshape(1)}
+        if not model.a:
+            return stats
+        hidden = torch.stack(model.a).to(F64)  # (L-1, batch, width): one reduction for all layers
+        stats["act_mean"] = torch.cat([hidden.mean((1, 2)), stats["act_mean"]])
+        stats["act_std"] = torch.cat([hidden.std((1, 2)), stats["act_std"]])
+        if model.activation in SATURATION_DERIVATIVE:
+            derivative = SATURATION_DERIVATIVE[model.activation](hidden)
+            stats["saturation"] = (derivative < 0.05).to(F64).mean((1, 2))
+        if model.activation in DEAD_FAMILY:
+            stats["dead"] = (hidden <= 0).all(dim=1).to(F64).mean(1)
+        return stats
+
+    @torch.no_grad()
+    def collect(self, stepped: bool) -> dict[str, float]:
+        """Everything read, plus ‖ΔW‖/‖W‖ if the optimizer stepped, as floats: the one host sync."""
+        p = self.pending
+        if stepped:
+            update = norms(torch._foreach_sub([w.detach() for w in self.weights], self.before))
+            p["update_ratio"] = update / p["weight_norm"].clamp_min(TINY)
+        p.update(self.scalars)
+        names = list(p)
+        values = torch.cat([p[name] for name in names]).cpu().numpy()  # one sync per probe step
+        metrics: dict[str, float] = {}
+        offset = 0
+        for name in names:
+            n = len(p[name])
+            chunk = values[offset : offset + n]
+            offset += n
+            if name in self.scalars:
+                metrics[name] = float(chunk[0])
+                continue
+            for l, value in enumerate(chunk, start=1):
+                metrics[layer_key(name, l)] = float(value)
+            if name in ("delta_norm", "grad_norm"):
+                prefix = "delta" if name == "delta_norm" else "grad"
+                metrics[f"{prefix}/log10_ratio"], metrics[f"{prefix}/slope"] = profile(chunk)
+        grads = np.concatenate([values_of(metrics, "grad_norm"), values_of(metrics, "grad_norm_b")])
+        metrics["grad_norm/total"] = float(np.sqrt(np.sum(grads**2)))
+        self.pending, self.scalars, self.before = {}, {}, []
+        return metrics
+
+
+def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Frobenius norms of a list of tensors, in float64, in one batched call."""
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=F64))
+
+
+def values_of(metrics: dict[str, float], quantity: str) -> np.ndarray:
+    return np.array([v for k, v in metrics.items() if split_key(k)[0] == quantity])
+
+
+def profile(layer_norms: np.ndarray) -> tuple[float, float]:
+    """(log10(‖·^(1)‖/‖·^(L)‖), least-squares slope of log10‖·^(l)‖ against l in decades per layer).
+
+    Negative: the signal shrinks toward the input (vanishing); positive: it grows (exploding).
+    """
+    logs = np.log10(np.maximum(layer_norms, TINY))
+    if len(logs) < 2:
+        return 0.0, 0.0
+    slope = np.polyfit(np.arange(1, len(logs) + 1), logs, 1)[0]
+    return float(logs[0] - logs[-1]), float(slope)
+
+
+def diagnose(metrics: dict[str, float]) -> str:
+    """One word for one probe step, read from δ first (DESIGN.md explains why not ∂L/∂W alone).
+
+    exploding / vanishing: δ grows / shrinks by more than DECADES from the output layer to the first;
+    dead_units: the worst hidden layer has > DEAD_SHARE of units at zero on the whole batch;
+    saturated: on average > SATURATED_SHARE of hidden units sit where f' < 5% of its maximum;
+    else healthy.
+    """
+    ratio = metrics.get("delta/log10_ratio", 0.0)
+    if not math.isfinite(ratio) or ratio > DECADES:
+        return "exploding"
+    if ratio < -DECADES:
+        return "vanishing"
+    dead = values_of(metrics, "dead")
+    if dead.size and dead.max() > DEAD_SHARE:
+        return "dead_units"
+    saturation = values_of(metrics, "saturation")
+    if saturation.size and saturation.mean() > SATURATED_SHARE:
+        return "saturated"
+    return "healthy"
+
+
+class Dynamics:
+    """Every probe at full resolution, kept for the run's `dynamics.parquet` (long format)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[int, str, float]] = []
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        self.rows.extend((step, key, value) for key, value in metrics.items())
+
+    def frame(self) -> pd.DataFrame:
+        """Columns step, layer (nullable: network-level quantities have none), quantity, value."""
+        steps, keys, values = zip(*self.rows, strict=True) if self.rows else ((), (), ())
+        split = [split_key(key) for key in keys]
+        return pd.DataFrame(
+            {
+                "step": pd.array(steps, dtype="int64"),
+                "layer": pd.array([layer for _, layer in split], dtype="Int64"),
+                "quantity": pd.array([quantity for quantity, _ in split], dtype="string"),
+                "value": pd.array(values, dtype="float64"),
+            }
+        )
+
+    def write(self, path: Path) -> Path:
+        self.frame().to_parquet(path, index=False)
+        return path

@@ -1,0 +1,261 @@
+"""One training run, in story order: config, device, data, model, optimizer, probes, tracker, the loop.
+
+`train(cfg)` does the work and returns a RunResult; `main()` is the thin `@hydra.main` shim that returns
+the final validation loss (always finite, for sweepers: a diverged run scores DIVERGED_OBJECTIVE).
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from bpexp.config import Config, ConfigError, Device, flatten, to_config
+from bpexp.data import Dataset, make_data
+from bpexp.figures import gradient_profile_figure
+from bpexp.model import MLP, build_mlp, first_nonfinite_layer
+from bpexp.optim import build_optimizer, clip_gradients
+from bpexp.probes import Dynamics, Probes, diagnose
+from bpexp.tracking import NullTracker, make_tracker
+
+DIVERGED_OBJECTIVE = 1e300  # finite and worse than any float32 loss: what a sweeper sees for a NaN run
+STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+
+@dataclass
+class RunResult:
+    outcome: str  # completed | diverged | failed | killed
+    diagnosis: str  # healthy | vanishing | exploding | saturated | dead_units | diverged
+    metrics: dict[str, float] = field(default_factory=dict)  # the last value of every metric
+    run_id: str | None = None
+    steps: int = 0  # optimizer steps taken
+    diverged_step: int | None = None
+    diverged_layer: int | None = None
+    seconds: float = 0.0
+
+    @property
+    def objective(self) -> float:
+        loss = self.metrics.get("val/loss", math.nan)
+        return loss if self.outcome == "completed" and math.isfinite(loss) else DIVERGED_OBJECTIVE
+
+
+def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = None) -> RunResult:
+    launch_dir = launch_dir or Path.cwd()
+    out_dir = out_dir or Path(tempfile.mkdtemp(prefix="bpexp-"))
+    tracker = make_tracker(cfg.tracking, launch_dir)  # fails here, before any run, if unreachable
+
+    torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    dtype = getattr(torch, cfg.train.dtype.value)
+
+    data = make_data(cfg.data, cfg.seed).to(device, dtype)
+    model = build_mlp(cfg.model, data.in_dim, data.out_dim).to(device, dtype)
+    optimizer, schedule = build_optimizer(cfg.optim, model.parameters(), cfg.train.steps)
+    probes = Probes(model, cfg.probes.every, cfg.probes.enabled)
+    dynamics = Dynamics()
+    batches = minibatches(data, cfg.train.batch_size, cfg.seed)
+
+    def record(metrics: dict[str, float], step: int) -> None:
+        dynamics.add(step, metrics)
+        tracker.log_metrics(metrics, step)
+        result.metrics.update(metrics)
+
+    result = RunResult(outcome="completed", diagnosis="healthy")
+    start = time.perf_counter()
+    tracker.start(run_name(cfg), flatten(cfg), {"bpexp.outcome": "running"})
+    result.run_id = tracker.run_id
+    try:
+        with sigterm_as_interrupt():
+            for step in range(cfg.train.steps + 1):  # the last pass only probes the trained net
+                last = step == cfg.train.steps
+                if step % cfg.train.eval_every == 0 or last:
+                    record(evaluate(model, data), step)
+                probing = probes.due(step, cfg.train.steps)
+                if last and not probing:
+                    break
+                x, y = next(batches)
+                model.train()
+                model.keep_z = probing
+                out = model(x)
+                loss = loss_fn(data, out, y)
+                if not math.isfinite(loss.item()):  # one sync per step: divergence is found where it starts
+                    result.outcome, result.diverged_step = "diverged", step
+                    result.diverged_layer = first_nonfinite_layer(model, x)
+                    break
+                loss.backward()
+                if probing:
+                    probes.read([z.grad for z in model.z], {"train/loss": loss, **accuracy(data, out, y, "train")})
+                    model.keep_z, model.z, model.a = False, [], []
+                if not last:
+                    clip_gradients(model.parameters(), cfg.optim.clip_norm)
+                    optimizer.step()
+                    schedule.step()
+                    result.steps = step + 1
+                if probing:
+                    metrics = probes.collect(stepped=not last)
+                    if not math.isfinite(metrics["grad_norm/total"]):
+                        result.outcome, result.diverged_step = "diverged", step
+                        result.diverged_layer = first_nonfinite_layer(model, x)
+                    record(metrics, step)
+                    if result.outcome == "diverged":
+                        break
+                optimizer.zero_grad(set_to_none=True)
+        result.diagnosis = "diverged" if result.outcome == "diverged" else diagnose(result.metrics)
+    except KeyboardInterrupt:
+        result.outcome = "killed"
+        raise
+    except Exception:
+        result.outcome = "failed"
+        (out_dir / "traceback.txt").write_text(traceback.format_exc())
+        tracker.log_artifact(out_dir / "traceback.txt")
+        raise
+    finally:
+        result.seconds = time.perf_counter() - start
+        finish(cfg, result, dynamics, tracker, out_dir)
+    return result
+
+
+def finish(cfg: Config, result: RunResult, dynamics: Dynamics, tracker: NullTracker, out_dir: Path) -> None:
+    """Tags, the divergence record, artifacts, then the run's final status: also after a failure."""
+    try:
+        tags = {"bpexp.outcome": result.outcome, "bpexp.diagnosis": result.diagnosis}
+        if result.diverged_step is not None:
+            tags["bpexp.diverged_step"] = str(result.diverged_step)
+            tags["bpexp.diverged_layer"] = str(result.diverged_layer)
+            tracker.log_metrics({"diverged/step": result.diverged_step}, result.diverged_step)
+        tracker.set_tags(tags)
+        if result.outcome in ("completed", "diverged"):
+            for path, folder in write_artifacts(cfg, result, dynamics, out_dir):
+                tracker.log_artifact(path, folder)
+    finally:
+        tracker.end(STATUS[result.outcome])
+
+
+def write_artifacts(cfg: Config, result: RunResult, dynamics: Dynamics, out_dir: Path) -> list[tuple[Path, str | None]]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "plots").mkdir(exist_ok=True)
+    config_path = out_dir / "config.yaml"
+    config_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    artifacts = [(config_path, None), (dynamics.write(out_dir / "dynamics.parquet"), None)]
+    frame = dynamics.frame()
+    if (frame["quantity"] == "delta_norm").any():
+        fig = gradient_profile_figure(frame, title=f"{run_name(cfg)}: {result.outcome}, {result.diagnosis}")
+        fig.savefig(out_dir / "plots" / "gradient_profile.png", dpi=110)
+        plt.close(fig)
+        artifacts.append((out_dir / "plots" / "gradient_profile.png", "plots"))
+    return artifacts
+
+
+def resolve_device(device: Device) -> torch.device:
+    if device == Device.auto:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == Device.cuda and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' is not allowed here: no CUDA device is visible; use auto or cpu")
+    return torch.device(device.value)
+
+
+def minibatches(data: Dataset, batch_size: int | None, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Shuffled minibatches, epoch after epoch, from their own generator (init and dropout keep theirs)."""
+    n = len(data.x_train)
+    if batch_size is None or batch_size >= n:
+        while True:
+            yield data.x_train, data.y_train
+    g = torch.Generator().manual_seed(seed + 1)
+    while True:
+        order = torch.randperm(n, generator=g).to(data.x_train.device)
+        for i in range(0, n - batch_size + 1, batch_size):
+            index = order[i : i + batch_size]
+            yield data.x_train[index], data.y_train[index]
+
+
+def loss_fn(data: Dataset, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy for classification, MSE (mean over batch and outputs) for regression."""
+    return F.cross_entropy(out, y) if data.classification else F.mse_loss(out, y)
+
+
+def accuracy(data: Dataset, out: torch.Tensor, y: torch.Tensor, split: str) -> dict[str, torch.Tensor]:
+    if not data.classification:
+        return {}
+    return {f"{split}/acc": (out.argmax(1) == y).to(torch.float64).mean()}
+
+
+@torch.no_grad()
+def evaluate(model: MLP, data: Dataset) -> dict[str, float]:
+    """Validation loss (and accuracy), with dropout off and batch-norm running statistics."""
+    model.eval()
+    out = model(data.x_val)
+    metrics = {"val/loss": loss_fn(data, out, data.y_val), **accuracy(data, out, data.y_val, "val")}
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def run_name(cfg: Config) -> str:
+    """<data>-d<depth>w<width>-<activation>-<init>-<optim>-s<seed>, unless tracking.run_name is set."""
+    m = cfg.model
+    default = (
+        f"{cfg.data.name.value}-d{m.depth}w{m.width}-{m.activation.value}-{m.init.value}"
+        f"-{cfg.optim.name.value}-s{cfg.seed}"
+    )
+    return cfg.tracking.run_name or default
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (scancel, kill, a launcher's shutdown) unwinds like Ctrl-C, so the run ends KILLED."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def summary(result: RunResult, cfg: Config) -> str:
+    m = result.metrics
+    lines = [
+        f"run {run_name(cfg)} ({result.run_id or 'not tracked'}): {result.outcome}, {result.diagnosis}",
+        f"  steps {result.steps}, {result.seconds:.1f} s, val/loss {m.get('val/loss', math.nan):.4g}, "
+        f"delta/log10_ratio {m.get('delta/log10_ratio', math.nan):+.2f}",
+    ]
+    if result.diverged_step is not None:
+        lines.append(f"  diverged at step {result.diverged_step}, first non-finite layer {result.diverged_layer}")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    from hydra.core.hydra_config import HydraConfig
+
+    runtime = HydraConfig.get().runtime
+    try:
+        config = to_config(cfg)
+        result = train(config, launch_dir=Path(runtime.cwd), out_dir=Path(runtime.output_dir))
+    except ConfigError as err:
+        print(f"bpexp: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(summary(result, config))
+    return result.objective
+
+
+if __name__ == "__main__":
+    main()
