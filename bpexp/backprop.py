@@ -30,8 +30,8 @@ SOFTPLUS_THRESHOLD = 20.0  # F.softplus is linear (f = z, f' = 1) above this, as
 
 def d_gelu(z: Tensor) -> Tensor:
     """GELU f = z Φ(z) (exact erf form): f' = Φ(z) + z φ(z)."""
-    cdf = 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # Φ(z)
-    pdf = torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)  # φ(z)
+    cdf = 0.5 * (1 + torch.erf(z * math.sqrt(0.5)))  # Φ(z)
+    pdf = torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi))  # φ(z)
     return cdf + z * pdf
 
 

@@ -155,19 +155,20 @@ def profile(layer_norms: np.ndarray) -> tuple[float, float]:
 def diagnose(metrics: dict[str, float]) -> str:
     """One word for one probe step, read from δ first (DESIGN.md explains why not ∂L/∂W alone).
 
-    exploding / vanishing: δ grows / shrinks by more than DECADES from the output layer to the first;
-    dead_units: the worst hidden layer has > DEAD_SHARE of units at zero on the whole batch;
-    saturated: on average > SATURATED_SHARE of hidden units sit where f' < 5% of its maximum;
+    In order: exploding, δ grows by more than DECADES from the output layer to the first; dead_units,
+    the worst hidden layer has > DEAD_SHARE of its units at or below zero on the whole batch (a dead
+    layer also cuts δ, so the cause is named before its effect); vanishing, δ shrinks by more than
+    DECADES; saturated, on average > SATURATED_SHARE of hidden units sit where f' < 5% of its maximum;
     else healthy.
     """
     ratio = metrics.get("delta/log10_ratio", 0.0)
     if not math.isfinite(ratio) or ratio > DECADES:
         return "exploding"
-    if ratio < -DECADES:
-        return "vanishing"
     dead = values_of(metrics, "dead")
     if dead.size and dead.max() > DEAD_SHARE:
         return "dead_units"
+    if ratio < -DECADES:
+        return "vanishing"
     saturation = values_of(metrics, "saturation")
     if saturation.size and saturation.mean() > SATURATED_SHARE:
         return "saturated"

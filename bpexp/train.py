@@ -6,6 +6,7 @@ the final validation loss (always finite, for sweepers: a diverged run scores DI
 
 from __future__ import annotations
 
+import logging
 import math
 import signal
 import sys
@@ -32,6 +33,7 @@ from bpexp.optim import build_optimizer, clip_gradients
 from bpexp.probes import Dynamics, Probes, diagnose
 from bpexp.tracking import NullTracker, make_tracker
 
+log = logging.getLogger("bpexp.train")  # not __main__ under python -m
 DIVERGED_OBJECTIVE = 1e300  # finite and worse than any float32 loss: what a sweeper sees for a NaN run
 STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
@@ -56,6 +58,7 @@ class RunResult:
 def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = None) -> RunResult:
     launch_dir = launch_dir or Path.cwd()
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix="bpexp-"))
+    out_dir.mkdir(parents=True, exist_ok=True)
     tracker = make_tracker(cfg.tracking, launch_dir)  # fails here, before any run, if unreachable
 
     torch.set_num_threads(cfg.train.threads)
@@ -79,6 +82,7 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
     start = time.perf_counter()
     tracker.start(run_name(cfg), flatten(cfg), {"bpexp.outcome": "running"})
     result.run_id = tracker.run_id
+    log.info("run %s started (%s): L=%d layers, %d steps", run_name(cfg), tracker.run_id, model.n_layers, cfg.train.steps)
     try:
         with sigterm_as_interrupt():
             for step in range(cfg.train.steps + 1):  # the last pass only probes the trained net
@@ -147,7 +151,6 @@ def finish(cfg: Config, result: RunResult, dynamics: Dynamics, tracker: NullTrac
 
 
 def write_artifacts(cfg: Config, result: RunResult, dynamics: Dynamics, out_dir: Path) -> list[tuple[Path, str | None]]:
-    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "plots").mkdir(exist_ok=True)
     config_path = out_dir / "config.yaml"
     config_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -253,7 +256,7 @@ def main(cfg: DictConfig) -> float:
     except ConfigError as err:
         print(f"bpexp: {err}", file=sys.stderr)
         sys.exit(2)
-    print(summary(result, config))
+    log.info(summary(result, config))
     return result.objective
 
 
