@@ -7,8 +7,6 @@ No autograd here: every derivative is computed by hand, and the tests check each
 ``torch.autograd`` in float64. Normalization layers are out of scope (``check_supported``).
 """
 
-# ruff: noqa: E741  (l is the seed's layer index)
-
 from __future__ import annotations
 
 import math

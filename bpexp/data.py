@@ -62,7 +62,9 @@ def make_data(cfg: DataConfig, seed: int) -> Dataset:
     x, y = x[order], y[order]
     n_val = min(cfg.n_val, len(x) // 2)  # real data sets may hold fewer than asked for
     n_train = min(cfg.n_train, len(x) - n_val)
-    data = Dataset(x[:n_train], y[:n_train], x[n_train : n_train + n_val], y[n_train : n_train + n_val], n_classes)
+    data = Dataset(
+        x[:n_train], y[:n_train], x[n_train : n_train + n_val], y[n_train : n_train + n_val], n_classes
+    )
     return standardized(data) if cfg.standardize else data
 
 
@@ -87,7 +89,9 @@ def teacher(cfg: DataConfig, n: int, g: torch.Generator, depth: int = 3, width: 
     x = torch.randn(n, cfg.in_dim, generator=g, dtype=torch.float64)
     h = x
     for _ in range(depth):
-        h = torch.tanh(h @ torch.randn(h.shape[1], width, generator=g, dtype=torch.float64) / h.shape[1] ** 0.5)
+        h = torch.tanh(
+            h @ torch.randn(h.shape[1], width, generator=g, dtype=torch.float64) / h.shape[1] ** 0.5
+        )
     h = h @ torch.randn(width, cfg.out_dim, generator=g, dtype=torch.float64) / width**0.5
     y = h + cfg.noise * torch.randn(n, cfg.out_dim, generator=g, dtype=torch.float64)
     return x, y, None

@@ -16,9 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
 
-def layer_profile(
-    dynamics: pd.DataFrame, quantity: str, ax: Axes | None = None, max_lines: int = 8
-) -> Axes:
+def layer_profile(dynamics: pd.DataFrame, quantity: str, ax: Axes | None = None, max_lines: int = 8) -> Axes:
     """‖·^(l)‖ against layer l on a log axis, one line per probe step (darker = later)."""
     ax = ax or plt.gca()
     rows = dynamics[(dynamics["quantity"] == quantity) & dynamics["layer"].notna()]
@@ -28,7 +26,9 @@ def layer_profile(
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(steps)))
     for step, color in zip(steps, colors, strict=True):
         at = rows[rows["step"] == step].sort_values("layer")
-        ax.plot(at["layer"], at["value"].clip(lower=1e-300), marker="o", ms=3, color=color, label=f"step {step}")
+        ax.plot(
+            at["layer"], at["value"].clip(lower=1e-300), marker="o", ms=3, color=color, label=f"step {step}"
+        )
     ax.set_yscale("log")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("layer l (1 = input side)")

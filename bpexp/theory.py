@@ -40,7 +40,7 @@ Layers are numbered l = 1 … L as in DESIGN.md (L = depth + 1 Linear layers; la
 layer, so δ^(L) is where backprop starts and every predicted δ norm is relative to it).
 """
 
-# ruff: noqa: E741  (l is the seed's layer index)
+
 from __future__ import annotations
 
 import math

@@ -82,7 +82,13 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
     start = time.perf_counter()
     tracker.start(run_name(cfg), flatten(cfg), {"bpexp.outcome": "running"})
     result.run_id = tracker.run_id
-    log.info("run %s started (%s): L=%d layers, %d steps", run_name(cfg), tracker.run_id, model.n_layers, cfg.train.steps)
+    log.info(
+        "run %s started (%s): L=%d layers, %d steps",
+        run_name(cfg),
+        tracker.run_id,
+        model.n_layers,
+        cfg.train.steps,
+    )
     try:
         with sigterm_as_interrupt():
             for step in range(cfg.train.steps + 1):  # the last pass only probes the trained net
@@ -103,7 +109,9 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
                     break
                 loss.backward()
                 if probing:
-                    probes.read([z.grad for z in model.z], {"train/loss": loss, **accuracy(data, out, y, "train")})
+                    probes.read(
+                        [z.grad for z in model.z], {"train/loss": loss, **accuracy(data, out, y, "train")}
+                    )
                     model.keep_z, model.z, model.a = False, [], []
                 if not last:
                     clip_gradients(model.parameters(), cfg.optim.clip_norm)
@@ -150,7 +158,9 @@ def finish(cfg: Config, result: RunResult, dynamics: Dynamics, tracker: NullTrac
         tracker.end(STATUS[result.outcome])
 
 
-def write_artifacts(cfg: Config, result: RunResult, dynamics: Dynamics, out_dir: Path) -> list[tuple[Path, str | None]]:
+def write_artifacts(
+    cfg: Config, result: RunResult, dynamics: Dynamics, out_dir: Path
+) -> list[tuple[Path, str | None]]:
     (out_dir / "plots").mkdir(exist_ok=True)
     config_path = out_dir / "config.yaml"
     config_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
@@ -172,7 +182,9 @@ def resolve_device(device: Device) -> torch.device:
     return torch.device(device.value)
 
 
-def minibatches(data: Dataset, batch_size: int | None, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def minibatches(
+    data: Dataset, batch_size: int | None, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled minibatches, epoch after epoch, from their own generator (init and dropout keep theirs)."""
     n = len(data.x_train)
     if batch_size is None or batch_size >= n:
@@ -241,7 +253,9 @@ def summary(result: RunResult, cfg: Config) -> str:
         f"delta/log10_ratio {m.get('delta/log10_ratio', math.nan):+.2f}",
     ]
     if result.diverged_step is not None:
-        lines.append(f"  diverged at step {result.diverged_step}, first non-finite layer {result.diverged_layer}")
+        lines.append(
+            f"  diverged at step {result.diverged_step}, first non-finite layer {result.diverged_layer}"
+        )
     return "\n".join(lines)
 
 

@@ -1,7 +1,5 @@
 """The hand-written backward pass against torch.autograd, in float64 (micrograd's way of testing)."""
 
-# ruff: noqa: E741  (l is the seed's layer index)
-
 from __future__ import annotations
 
 import copy

@@ -42,8 +42,15 @@ def test_idx_files_round_trip_and_load(tmp_path, suffix):
     write_idx(tmp_path / f"train-labels-idx1-ubyte{suffix}", labels)
     assert np.array_equal(read_idx(tmp_path / f"train-images-idx3-ubyte{suffix}"), images)
 
-    cfg = DataConfig(name=DataName.idx, n_train=40, n_val=10, in_dim=None, out_dim=None, path=str(tmp_path),
-                     standardize=False)
+    cfg = DataConfig(
+        name=DataName.idx,
+        n_train=40,
+        n_val=10,
+        in_dim=None,
+        out_dim=None,
+        path=str(tmp_path),
+        standardize=False,
+    )
     data = make_data(cfg, seed=0)
     assert data.x_train.shape == (40, 12) and data.n_classes == int(labels.max()) + 1
     pooled = sorted(map(tuple, torch.cat([data.x_train, data.x_val]).mul(255).round().long().tolist()))

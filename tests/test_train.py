@@ -4,10 +4,10 @@ import math
 
 import pandas as pd
 import pytest
+from conftest import make_config
 from mlflow.tracking import MlflowClient
 
 from bpexp.train import DIVERGED_OBJECTIVE, train
-from conftest import make_config
 
 PER_LAYER = ["grad_norm", "grad_norm_b", "delta_norm", "weight_norm", "update_ratio", "act_mean", "act_std"]
 NETWORK = ["grad_norm/total", "delta/log10_ratio", "delta/slope", "grad/log10_ratio", "grad/slope"]
@@ -28,7 +28,13 @@ def test_a_run_leaves_every_metric_param_tag_and_artifact(tmp_path, store):
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert run.info.status == "FINISHED" and run.info.run_id == result.run_id
     assert run.data.tags["bpexp.outcome"] == "completed"
-    assert run.data.tags["bpexp.diagnosis"] in {"healthy", "vanishing", "exploding", "saturated", "dead_units"}
+    assert run.data.tags["bpexp.diagnosis"] in {
+        "healthy",
+        "vanishing",
+        "exploding",
+        "saturated",
+        "dead_units",
+    }
     L = 4
     expected = {f"{q}/l{l:03d}" for q in PER_LAYER for l in range(1, L + 1)}
     expected |= {f"dead/l{l:03d}" for l in range(1, L)}
@@ -66,7 +72,7 @@ def test_divergence_is_an_outcome_not_a_crash(tmp_path, store):
     result = train(cfg, launch_dir=tmp_path, out_dir=tmp_path / "out")
     assert result.outcome == "diverged" and result.diagnosis == "diverged"
     assert result.objective == DIVERGED_OBJECTIVE and math.isfinite(result.objective)
-    client, _, run = only_run(store)
+    _, _, run = only_run(store)
     assert run.info.status == "FINISHED"
     assert run.data.tags["bpexp.outcome"] == "diverged"
     assert int(run.data.tags["bpexp.diverged_step"]) == result.diverged_step < 50
@@ -86,15 +92,27 @@ def test_zero_steps_probes_at_initialization(tmp_path, store):
 
 @pytest.mark.parametrize("optim", ["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad"])
 def test_every_optimizer_learns_something(optim):
-    cfg = make_config("tracking=none", f"optim={optim}", "data=blobs", "train.steps=30", "model.norm=batchnorm")
+    cfg = make_config(
+        "tracking=none", f"optim={optim}", "data=blobs", "train.steps=30", "model.norm=batchnorm"
+    )
     result = train(cfg)
     assert result.outcome == "completed"
     assert result.metrics["val/loss"] < math.log(5)  # below chance for 5 classes
 
 
-@pytest.mark.parametrize("override", ["optim.schedule=cosine", "optim.schedule=step", "optim.clip_norm=0.01",
-                                      "train.dtype=float64", "model.norm=layernorm", "model.residual=true",
-                                      "probes=off", "train.batch_size=null"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "optim.schedule=cosine",
+        "optim.schedule=step",
+        "optim.clip_norm=0.01",
+        "train.dtype=float64",
+        "model.norm=layernorm",
+        "model.residual=true",
+        "probes=off",
+        "train.batch_size=null",
+    ],
+)
 def test_options_run_end_to_end(override):
     result = train(make_config("tracking=none", "data=teacher", override))
     assert result.outcome == "completed" and math.isfinite(result.metrics["val/loss"])
