@@ -91,6 +91,11 @@ class DType(Enum):
     float64 = "float64"
 
 
+class Engine(Enum):
+    autograd = "autograd"
+    manual = "manual"  # the hand-written equations of backprop.py
+
+
 class TrackingBackend(Enum):
     mlflow = "mlflow"
     none = "none"
@@ -216,6 +221,8 @@ class TrainLoopConfig:
     """Parameter and data dtype."""
     threads: int = 1
     """torch intra-op threads; 1 suits small MLPs and one-job-per-core sweeps."""
+    engine: Engine = Engine.autograd
+    """Who computes ∂L/∂θ: autograd, or manual (backprop.py's equations; the optimizer is the same)."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 0, "train.steps", self.steps, "an integer ≥ 0")
@@ -231,9 +238,12 @@ class ProbesConfig:
     """Probe every this many steps (step 0 and the last step always)."""
     enabled: bool = True
     """false = no per-layer probes (losses are still logged)."""
+    gradcheck_every: int = 0
+    """Every this many steps, log gradcheck/max_rel_err between the manual and autograd engines; 0 = off."""
 
     def __post_init__(self) -> None:
         require(self.every >= 1, "probes.every", self.every, "an integer ≥ 1")
+        require(self.gradcheck_every >= 0, "probes.gradcheck_every", self.gradcheck_every, "an integer ≥ 0")
 
 
 @dataclass

@@ -66,11 +66,14 @@ class Probes:
         return self.enabled and (step % self.every == 0 or step == last_step)
 
     @torch.no_grad()
-    def read(self, delta: list[torch.Tensor], scalars: dict[str, torch.Tensor]) -> None:
-        """Gradients, δ^(l) (each (batch, width_l)), weights and activations, as device tensors (no sync).
+    def read(
+        self, delta: list[torch.Tensor], activations: list[torch.Tensor], scalars: dict[str, torch.Tensor]
+    ) -> None:
+        """Gradients, δ^(l), weights and activations a^(l) (each (batch, width_l)) as device tensors.
 
-        Call between backward and clipping; also snapshots W for the update ratio. `scalars` (e.g. the
-        batch loss) ride along to the same sync under their own keys.
+        Call between backward and clipping; also snapshots W for the update ratio. `activations` are
+        f(z^(l)) of the hidden layers before dropout, then the output a^(L) = z^(L). `scalars` (e.g. the
+        batch loss) ride along to the same host sync under their own keys.
         """
         self.scalars = {key: value.detach().to(F64).reshape(1) for key, value in scalars.items()}
         grad_w = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.weights]
@@ -81,17 +84,17 @@ class Probes:
             "delta_norm": norms(delta),
             "weight_norm": norms(self.weights),
         }
-        p.update(self.activation_stats())
+        p.update(self.activation_stats(activations))
         self.before = [w.detach().clone() for w in self.weights]
 
-    def activation_stats(self) -> dict[str, torch.Tensor]:
-        """Mean, spread, saturation and dead share of a^(1) … a^(L) over the batch (a^(L) = z^(L))."""
+    def activation_stats(self, activations: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Mean, spread, saturation and dead share of a^(1) … a^(L) over the batch."""
         model = self.model
-        out = model.z[-1].detach().to(F64)
+        out = activations[-1].detach().to(F64)
         stats = {"act_mean": out.mean().reshape(1), "act_std": out.std().reshape(1)}
-        if not model.a:
+        if len(activations) == 1:
             return stats
-        hidden = torch.stack(model.a).to(F64)  # (L-1, batch, width): one reduction for all layers
+        hidden = torch.stack(activations[:-1]).to(F64)  # (L-1, batch, width): one reduction for all layers
         stats["act_mean"] = torch.cat([hidden.mean((1, 2)), stats["act_mean"]])
         stats["act_std"] = torch.cat([hidden.std((1, 2)), stats["act_std"]])
         if model.activation in SATURATION_DERIVATIVE:

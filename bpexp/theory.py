@@ -40,7 +40,6 @@ Layers are numbered l = 1 … L as in DESIGN.md (L = depth + 1 Linear layers; la
 layer, so δ^(L) is where backprop starts and every predicted δ norm is relative to it).
 """
 
-
 from __future__ import annotations
 
 import math

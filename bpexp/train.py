@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from bpexp.config import Config, ConfigError, Device, flatten, to_config
+from bpexp.backprop import check_supported, gradcheck, manual_backward
+from bpexp.config import Config, ConfigError, Device, Engine, flatten, to_config
 from bpexp.data import Dataset, make_data
 from bpexp.figures import gradient_profile_figure
 from bpexp.model import MLP, build_mlp, first_nonfinite_layer
@@ -69,6 +70,9 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
     data = make_data(cfg.data, cfg.seed).to(device, dtype)
     model = build_mlp(cfg.model, data.in_dim, data.out_dim).to(device, dtype)
     optimizer, schedule = build_optimizer(cfg.optim, model.parameters(), cfg.train.steps)
+    engine = cfg.train.engine
+    if engine == Engine.manual or cfg.probes.gradcheck_every:
+        check_supported(model)  # the hand-written backward has no normalization layers
     probes = Probes(model, cfg.probes.every, cfg.probes.enabled)
     dynamics = Dynamics()
     batches = minibatches(data, cfg.train.batch_size, cfg.seed)
@@ -100,19 +104,18 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
                     break
                 x, y = next(batches)
                 model.train()
-                model.keep_z = probing
-                out = model(x)
-                loss = loss_fn(data, out, y)
-                if not math.isfinite(loss.item()):  # one sync per step: divergence is found where it starts
+                step_pass = backprop_pass(model, x, y, data, engine, probing)
+                if not math.isfinite(
+                    step_pass.loss.item()
+                ):  # one sync per step: divergence is found where it starts
                     result.outcome, result.diverged_step = "diverged", step
                     result.diverged_layer = first_nonfinite_layer(model, x)
                     break
-                loss.backward()
                 if probing:
-                    probes.read(
-                        [z.grad for z in model.z], {"train/loss": loss, **accuracy(data, out, y, "train")}
-                    )
-                    model.keep_z, model.z, model.a = False, [], []
+                    scalars = {"train/loss": step_pass.loss, **accuracy(data, step_pass.out, y, "train")}
+                    probes.read(step_pass.delta, step_pass.activations, scalars)
+                if cfg.probes.gradcheck_every and step % cfg.probes.gradcheck_every == 0:
+                    record({"gradcheck/max_rel_err": gradcheck(model, x, y, data.classification)}, step)
                 if not last:
                     clip_gradients(model.parameters(), cfg.optim.clip_norm)
                     optimizer.step()
@@ -140,6 +143,36 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
         result.seconds = time.perf_counter() - start
         finish(cfg, result, dynamics, tracker, out_dir)
     return result
+
+
+@dataclass
+class Pass:
+    """One forward and backward pass; delta and activations are filled on probe steps only."""
+
+    loss: torch.Tensor
+    out: torch.Tensor  # a^(L), (batch, out_dim)
+    delta: list[torch.Tensor]  # δ^(1) … δ^(L)
+    activations: list[torch.Tensor]  # f(z^(1)) … f(z^(L-1)) before dropout, then a^(L) = z^(L)
+
+
+def backprop_pass(
+    model: MLP, x: torch.Tensor, y: torch.Tensor, data: Dataset, engine: Engine, probing: bool
+) -> Pass:
+    """Fill every parameter's .grad with ∂L/∂θ, by autograd or by the hand-written equations of backprop.py."""
+    if engine == Engine.manual:
+        manual = manual_backward(model, x, y, data.classification)
+        z, out = manual.forward.z, manual.forward.z[-1]
+        hidden = [model.f(z_l) for z_l in z[:-1]] if probing else []
+        return Pass(manual.loss, out, manual.delta, [*hidden, out])
+    model.keep_z = probing  # autograd keeps z^(l) and its gradient δ^(l) only when asked
+    out = model(x)
+    loss = loss_fn(data, out, y)
+    loss.backward()  # a non-finite loss gives non-finite grads; the loop stops before they are used
+    if not probing:
+        return Pass(loss, out, [], [])
+    delta, activations = [z.grad for z in model.z], [*model.a, out.detach()]
+    model.keep_z, model.z, model.a = False, [], []
+    return Pass(loss, out, delta, activations)
 
 
 def finish(cfg: Config, result: RunResult, dynamics: Dynamics, tracker: NullTracker, out_dir: Path) -> None:

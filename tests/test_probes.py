@@ -18,7 +18,7 @@ def probed_step(cfg: ModelConfig, x, y, lr=0.1, dtype=torch.float64):
     net.keep_z = True
     loss = F.mse_loss(net(x), y)
     loss.backward()
-    probes.read([z.grad for z in net.z], {"train/loss": loss})
+    probes.read([z.grad for z in net.z], [*net.a, net.z[-1].detach()], {"train/loss": loss})
     grads = [l.weight.grad.clone() for l in net.linears]
     before = [l.weight.detach().clone() for l in net.linears]
     torch.optim.SGD(net.parameters(), lr=lr).step()
@@ -73,7 +73,7 @@ def test_float32_gradients_below_1e_19_do_not_vanish_to_zero():
     net.keep_z = True
     F.mse_loss(net(x), y).mul(1e-25).backward()
     assert net.linears[0].weight.grad.norm() == 0  # float32's own norm loses it
-    probes.read([z.grad for z in net.z], {})
+    probes.read([z.grad for z in net.z], [*net.a, net.z[-1].detach()], {})
     m = probes.collect(stepped=False)
     assert 1e-30 < m[layer_key("grad_norm", 1)] < 1e-20
     assert "update_ratio/l001" not in m
@@ -89,7 +89,7 @@ def test_dead_and_saturated_units():
     probes = Probes(net, every=1)
     net.keep_z = True
     net(x).sum().backward()
-    probes.read([z.grad for z in net.z], {})
+    probes.read([z.grad for z in net.z], [*net.a, net.z[-1].detach()], {})
     m = probes.collect(stepped=False)
     assert m["dead/l002"] == 1.0 and m["dead/l001"] < 1.0
     assert diagnose(m) == "dead_units"
@@ -99,7 +99,7 @@ def test_dead_and_saturated_units():
     probes = Probes(net, every=1)
     net.keep_z = True
     net(x).sum().backward()
-    probes.read([z.grad for z in net.z], {})
+    probes.read([z.grad for z in net.z], [*net.a, net.z[-1].detach()], {})
     m = probes.collect(stepped=False)
     assert m["saturation/l001"] > 0.8 and "dead/l001" not in m
 
