@@ -56,7 +56,7 @@ def model_config(args: argparse.Namespace, sigma_w2: float, sigma_b2: float) -> 
 
 
 def measured_delta_log10(cfg: ModelConfig, batch: int, seed: int) -> np.ndarray:
-    """log10‖δ^(l)‖_F for l = 1 … L at initialization (float64: deep nets reach norms float32 flushes to 0)."""
+    """log10‖δ^(l)‖_F, l = 1 … L, at initialization (float64: deep nets reach norms float32 flushes to 0)."""
     torch.manual_seed(seed)
     model = build_mlp(cfg, cfg.width, 1).double()
     x = torch.randn(batch, cfg.width, dtype=torch.float64)  # in_dim = width, mean(x²) ≈ 1
@@ -84,7 +84,12 @@ def main(argv: list[str] | None = None) -> None:
         ax.plot(dense, [p.delta_log10_ratio for p in preds], color=color, label=f"{label}: predicted")
         fixed_only = [args.depth / 2 * math.log10(p.chi1) for p in preds]
         ax.plot(
-            dense, fixed_only, color=color, ls=":", lw=1.2, label=f"{label}: fixed point only, L−1 = depth"
+            dense,
+            fixed_only,
+            color=color,
+            ls=":",
+            lw=1.2,
+            label=f"{label}: fixed point only, depth/2·log10 χ1(q*)",
         )
         # measured points
         for w2 in args.sigma_w2:

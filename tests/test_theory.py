@@ -1,7 +1,6 @@
 """theory.py: closed forms, quadrature accuracy, fixed points, init variances, and the predictions against
 δ measured by autograd on wide nets at initialization (float64, mean over seeds)."""
 
-# ruff: noqa: E741  (l is the seed's layer index)
 from __future__ import annotations
 
 import math

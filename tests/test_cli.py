@@ -1,0 +1,89 @@
+"""The command line as a user meets it: python -m bpexp.train, in a subprocess, on a real store."""
+
+import signal
+import sqlite3
+import subprocess
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, cli, cli_env
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    return subprocess.run(
+        cli(f"tracking.uri={store}", f"hydra.run.dir={tmp_path}/out", *args),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
+
+
+def runs_in(tmp_path) -> list:
+    db = tmp_path / "mlflow.db"
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as con:
+        return con.execute("select status from runs").fetchall()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("model.activation=sigmoud", "expected one of [identity, sigmoid, tanh, relu"),
+        ("model.depth=-1", "model.depth=-1 is not allowed: an integer ≥ 0"),
+        ("model.depth=abc", "full_key: model.depth"),
+        ("optim=foo", "Could not find 'optim/foo'"),
+        ("model.foo=1", "Key 'foo' not in 'ModelConfig'"),
+        ("data=idx data.path=/no/such/folder", "data.path='/no/such/folder' is not allowed"),
+        ("tracking.uri=http://127.0.0.1:9", "tracking.uri='http://127.0.0.1:9' is not reachable"),
+        ("train.engine=manual model.norm=layernorm", "train.engine=manual cannot run model.norm=layernorm"),
+    ],
+)
+def test_bad_input_fails_before_training_and_leaves_no_run(tmp_path, override, message):
+    done = run_cli(tmp_path, *override.split())
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    assert runs_in(tmp_path) == []
+
+
+def test_a_diverging_run_exits_0_and_is_recorded(tmp_path):
+    done = run_cli(tmp_path, "optim=sgd", "optim.lr=1e4", "data=teacher", "train.steps=40")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "diverged" in done.stdout
+    assert runs_in(tmp_path) == [("FINISHED",)]
+
+
+def test_sigterm_ends_the_run_killed(tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    proc = subprocess.Popen(
+        cli(
+            f"tracking.uri={store}", f"hydra.run.dir={tmp_path}/out", "train.steps=10000000", "data=gaussian"
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=cli_env(),
+        cwd=tmp_path,
+    )
+    for line in proc.stdout:  # wait for the run to exist, then stop it the way a scheduler does
+        if " started (" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.communicate(timeout=120)[0]
+    assert proc.returncode != 0, rest
+    run = MlflowClient(store).search_runs(["1"])[0]
+    assert run.info.status == "KILLED" and run.data.tags["bpexp.outcome"] == "killed"
+
+
+def test_the_readme_runs_the_default_job(tmp_path):
+    assert "python -m bpexp.train" in (ROOT / "README.md").read_text()
+    done = run_cli(tmp_path, "train.steps=20")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "completed" in done.stdout and runs_in(tmp_path) == [("FINISHED",)]
