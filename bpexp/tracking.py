@@ -120,6 +120,8 @@ class Tracker(NullTracker):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if self.run_id is None:
+            return
         now = int(time.time() * 1000)
         for key, value in metrics.items():
             if math.isfinite(value):
@@ -138,9 +140,13 @@ class Tracker(NullTracker):
     def set_tags(self, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
 
+        if self.run_id is None:  # interrupted before the run existed
+            return
         self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.run_id is None:
+            return
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def end(self, status: str) -> None:

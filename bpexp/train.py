@@ -32,9 +32,11 @@ from bpexp.figures import gradient_profile_figure
 from bpexp.model import MLP, build_mlp, first_nonfinite_layer
 from bpexp.optim import build_optimizer, clip_gradients
 from bpexp.probes import Dynamics, Probes, diagnose
+from bpexp.theory import predict
 from bpexp.tracking import NullTracker, make_tracker
 
 log = logging.getLogger("bpexp.train")  # not __main__ under python -m
+THEORY_TOLERANCE = 0.5  # decades: measured δ ratio at step 0 this close to the prediction "agrees"
 DIVERGED_OBJECTIVE = 1e300  # finite and worse than any float32 loss: what a sweeper sees for a NaN run
 STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
@@ -43,6 +45,7 @@ STATUS = {"completed": "FINISHED", "diverged": "FINISHED", "failed": "FAILED", "
 class RunResult:
     outcome: str  # completed | diverged | failed | killed
     diagnosis: str  # healthy | vanishing | exploding | saturated | dead_units | diverged
+    initial: dict[str, float] = field(default_factory=dict)  # the probes at initialization (step 0)
     metrics: dict[str, float] = field(default_factory=dict)  # the last value of every metric
     run_id: str | None = None
     steps: int = 0  # optimizer steps taken
@@ -74,6 +77,8 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
     if engine == Engine.manual or cfg.probes.gradcheck_every:
         check_supported(model)  # the hand-written backward has no normalization layers
     probes = Probes(model, cfg.probes.every, cfg.probes.enabled)
+    prediction = predict(cfg.model, data.in_dim, data.out_dim, float(data.x_train.pow(2).mean()))
+    theory = prediction.metrics() if prediction else {}
     dynamics = Dynamics()
     batches = minibatches(data, cfg.train.batch_size, cfg.seed)
 
@@ -84,17 +89,18 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
 
     result = RunResult(outcome="completed", diagnosis="healthy")
     start = time.perf_counter()
-    tracker.start(run_name(cfg), flatten(cfg), {"bpexp.outcome": "running"})
-    result.run_id = tracker.run_id
-    log.info(
-        "run %s started (%s): L=%d layers, %d steps",
-        run_name(cfg),
-        tracker.run_id,
-        model.n_layers,
-        cfg.train.steps,
-    )
-    try:
-        with sigterm_as_interrupt():
+    params = {**flatten(cfg), **(prediction.params() if prediction else {})}
+    with sigterm_as_interrupt():  # from the run's creation on, SIGTERM ends it KILLED, never RUNNING
+        try:
+            tracker.start(run_name(cfg), params, {"bpexp.outcome": "running"})
+            result.run_id = tracker.run_id
+            log.info(
+                "run %s started (%s): L=%d, %d steps",
+                run_name(cfg),
+                result.run_id,
+                model.n_layers,
+                cfg.train.steps,
+            )
             for step in range(cfg.train.steps + 1):  # the last pass only probes the trained net
                 last = step == cfg.train.steps
                 if step % cfg.train.eval_every == 0 or last:
@@ -105,11 +111,9 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
                 x, y = next(batches)
                 model.train()
                 step_pass = backprop_pass(model, x, y, data, engine, probing)
-                if not math.isfinite(
-                    step_pass.loss.item()
-                ):  # one sync per step: divergence is found where it starts
-                    result.outcome, result.diverged_step = "diverged", step
-                    result.diverged_layer = first_nonfinite_layer(model, x)
+                # One host sync per step: divergence is recorded at the step where it starts.
+                if not math.isfinite(step_pass.loss.item()):
+                    diverged(result, step, model, x)
                     break
                 if probing:
                     scalars = {"train/loss": step_pass.loss, **accuracy(data, step_pass.out, y, "train")}
@@ -123,25 +127,26 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
                     result.steps = step + 1
                 if probing:
                     metrics = probes.collect(stepped=not last)
-                    if not math.isfinite(metrics["grad_norm/total"]):
-                        result.outcome, result.diverged_step = "diverged", step
-                        result.diverged_layer = first_nonfinite_layer(model, x)
+                    if step == 0:
+                        result.initial = metrics
+                        metrics = {**metrics, **theory}
                     record(metrics, step)
-                    if result.outcome == "diverged":
+                    if not math.isfinite(metrics["grad_norm/total"]):
+                        diverged(result, step, model, x)
                         break
                 optimizer.zero_grad(set_to_none=True)
-        result.diagnosis = "diverged" if result.outcome == "diverged" else diagnose(result.metrics)
-    except KeyboardInterrupt:
-        result.outcome = "killed"
-        raise
-    except Exception:
-        result.outcome = "failed"
-        (out_dir / "traceback.txt").write_text(traceback.format_exc())
-        tracker.log_artifact(out_dir / "traceback.txt")
-        raise
-    finally:
-        result.seconds = time.perf_counter() - start
-        finish(cfg, result, dynamics, tracker, out_dir)
+            result.diagnosis = "diverged" if result.outcome == "diverged" else diagnose(result.metrics)
+        except KeyboardInterrupt:
+            result.outcome = "killed"
+            raise
+        except Exception:
+            result.outcome = "failed"
+            (out_dir / "traceback.txt").write_text(traceback.format_exc())
+            tracker.log_artifact(out_dir / "traceback.txt")
+            raise
+        finally:
+            result.seconds = time.perf_counter() - start
+            finish(cfg, result, dynamics, tracker, out_dir)
     return result
 
 
@@ -158,7 +163,7 @@ class Pass:
 def backprop_pass(
     model: MLP, x: torch.Tensor, y: torch.Tensor, data: Dataset, engine: Engine, probing: bool
 ) -> Pass:
-    """Fill every parameter's .grad with ∂L/∂θ, by autograd or by the hand-written equations of backprop.py."""
+    """Fill every .grad with ∂L/∂θ, by autograd or by the hand-written equations of backprop.py."""
     if engine == Engine.manual:
         manual = manual_backward(model, x, y, data.classification)
         z, out = manual.forward.z, manual.forward.z[-1]
@@ -175,10 +180,18 @@ def backprop_pass(
     return Pass(loss, out, delta, activations)
 
 
+def diverged(result: RunResult, step: int, model: MLP, x: torch.Tensor) -> None:
+    result.outcome, result.diverged_step = "diverged", step
+    result.diverged_layer = first_nonfinite_layer(model, x)
+
+
 def finish(cfg: Config, result: RunResult, dynamics: Dynamics, tracker: NullTracker, out_dir: Path) -> None:
     """Tags, the divergence record, artifacts, then the run's final status: also after a failure."""
     try:
         tags = {"bpexp.outcome": result.outcome, "bpexp.diagnosis": result.diagnosis}
+        if result.initial:
+            tags["bpexp.diagnosis_init"] = diagnose(result.initial)
+            tags["bpexp.theory"] = theory_check(result)
         if result.diverged_step is not None:
             tags["bpexp.diverged_step"] = str(result.diverged_step)
             tags["bpexp.diverged_layer"] = str(result.diverged_layer)
@@ -205,6 +218,15 @@ def write_artifacts(
         plt.close(fig)
         artifacts.append((out_dir / "plots" / "gradient_profile.png", "plots"))
     return artifacts
+
+
+def theory_check(result: RunResult) -> str:
+    """Does the δ ratio measured at initialization match the mean-field prediction? (theory.py)"""
+    predicted = result.metrics.get("theory/delta_log10_ratio")
+    measured = result.initial.get("delta/log10_ratio")
+    if predicted is None or measured is None:
+        return "no prediction"
+    return "agrees" if abs(measured - predicted) <= THEORY_TOLERANCE else "differs"
 
 
 def resolve_device(device: Device) -> torch.device:
@@ -282,9 +304,13 @@ def summary(result: RunResult, cfg: Config) -> str:
     m = result.metrics
     lines = [
         f"run {run_name(cfg)} ({result.run_id or 'not tracked'}): {result.outcome}, {result.diagnosis}",
-        f"  steps {result.steps}, {result.seconds:.1f} s, val/loss {m.get('val/loss', math.nan):.4g}, "
-        f"delta/log10_ratio {m.get('delta/log10_ratio', math.nan):+.2f}",
+        f"  steps {result.steps}, {result.seconds:.1f} s, val/loss {m.get('val/loss', math.nan):.4g}",
     ]
+    if result.initial:
+        line = f"  at init: δ ratio 10^{result.initial['delta/log10_ratio']:+.2f} from layer L to 1"
+        if "theory/delta_log10_ratio" in m:
+            line += f" (theory 10^{m['theory/delta_log10_ratio']:+.2f}: {theory_check(result)})"
+        lines.append(line)
     if result.diverged_step is not None:
         lines.append(
             f"  diverged at step {result.diverged_step}, first non-finite layer {result.diverged_layer}"

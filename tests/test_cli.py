@@ -5,9 +5,8 @@ import sqlite3
 import subprocess
 
 import pytest
-from mlflow.tracking import MlflowClient
-
 from conftest import ROOT, cli, cli_env
+from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
 

@@ -42,6 +42,9 @@ def test_a_run_leaves_every_metric_param_tag_and_artifact(tmp_path, store):
     assert expected <= set(run.data.metrics)
     assert run.data.params["model.depth"] == "3" and run.data.params["model.activation"] == "relu"
     assert run.data.params["optim.clip_norm"] == "null" and run.data.params["data.name"] == "digits"
+    assert float(run.data.params["theory.chi1"]) == pytest.approx(1.0)  # ReLU, Kaiming: σ_w²/2 = 1
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "theory/delta_log10_ratio")] == [0]
+    assert run.data.tags["bpexp.theory"] in {"agrees", "differs"} and "bpexp.diagnosis_init" in run.data.tags
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "dynamics.parquet", "plots"} <= names
     assert [a.path for a in client.list_artifacts(run.info.run_id, "plots")] == ["plots/gradient_profile.png"]
