@@ -50,18 +50,20 @@ class MLP(nn.Module):
         return len(self.linears)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.z, self.a = [], []
+        keep = self.keep_z
+        if keep:  # probe steps only: off them, forward touches no attribute (nn.Module setattr is slow)
+            self.z, self.a = [], []
         a = x
         for l, linear in enumerate(self.linears, start=1):
             z = linear(a)
-            if self.keep_z:
+            if keep:
                 self.z.append(z)
                 if z.requires_grad:
                     z.retain_grad()
             if l == self.n_layers:
                 return z  # linear output layer: a^(L) = z^(L)
             h = self.f(self.norms[l - 1](z))
-            if self.keep_z:
+            if keep:
                 self.a.append(h.detach())
             h = self.dropout(h)
             a = a + h if self.residual and l > 1 else h

@@ -61,6 +61,7 @@ class Probes:
         self.pending: dict[str, torch.Tensor] = {}
         self.scalars: dict[str, torch.Tensor] = {}
         self.before: list[torch.Tensor] = []
+        self.keys: dict[str, list[str]] = {}
 
     def due(self, step: int, last_step: int) -> bool:
         return self.enabled and (step % self.every == 0 or step == last_step)
@@ -90,13 +91,14 @@ class Probes:
     def activation_stats(self, activations: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Mean, spread, saturation and dead share of a^(1) … a^(L) over the batch."""
         model = self.model
-        out = activations[-1].detach().to(F64)
-        stats = {"act_mean": out.mean().reshape(1), "act_std": out.std().reshape(1)}
+        std, mean = torch.std_mean(activations[-1].detach().to(F64))
+        stats = {"act_mean": mean.reshape(1), "act_std": std.reshape(1)}
         if len(activations) == 1:
             return stats
         hidden = torch.stack(activations[:-1]).to(F64)  # (L-1, batch, width): one reduction for all layers
-        stats["act_mean"] = torch.cat([hidden.mean((1, 2)), stats["act_mean"]])
-        stats["act_std"] = torch.cat([hidden.std((1, 2)), stats["act_std"]])
+        std, mean = torch.std_mean(hidden, dim=(1, 2))
+        stats["act_mean"] = torch.cat([mean, stats["act_mean"]])
+        stats["act_std"] = torch.cat([std, stats["act_std"]])
         if model.activation in SATURATION_DERIVATIVE:
             derivative = SATURATION_DERIVATIVE[model.activation](hidden)
             stats["saturation"] = (derivative < 0.05).to(F64).mean((1, 2))
@@ -112,26 +114,30 @@ class Probes:
             update = norms(torch._foreach_sub([w.detach() for w in self.weights], self.before))
             p["update_ratio"] = update / p["weight_norm"].clamp_min(TINY)
         p.update(self.scalars)
-        names = list(p)
-        values = torch.cat([p[name] for name in names]).cpu().numpy()  # one sync per probe step
+        values = torch.cat(list(p.values())).cpu().numpy()  # one sync per probe step
         metrics: dict[str, float] = {}
+        chunks: dict[str, np.ndarray] = {}
         offset = 0
-        for name in names:
-            n = len(p[name])
-            chunk = values[offset : offset + n]
-            offset += n
+        for name, tensor in p.items():
+            chunks[name] = chunk = values[offset : offset + len(tensor)]
+            offset += len(tensor)
             if name in self.scalars:
                 metrics[name] = float(chunk[0])
-                continue
-            for l, value in enumerate(chunk, start=1):
-                metrics[layer_key(name, l)] = float(value)
-            if name in ("delta_norm", "grad_norm"):
-                prefix = "delta" if name == "delta_norm" else "grad"
-                metrics[f"{prefix}/log10_ratio"], metrics[f"{prefix}/slope"] = profile(chunk)
-        grads = np.concatenate([values_of(metrics, "grad_norm"), values_of(metrics, "grad_norm_b")])
-        metrics["grad_norm/total"] = float(np.sqrt(np.sum(grads**2)))
+            else:
+                metrics.update(zip(self.layer_keys(name, len(chunk)), chunk.tolist(), strict=True))
+        for prefix, name in (("delta", "delta_norm"), ("grad", "grad_norm")):
+            metrics[f"{prefix}/log10_ratio"], metrics[f"{prefix}/slope"] = profile(chunks[name])
+        squares = np.sum(chunks["grad_norm"] ** 2) + np.sum(chunks["grad_norm_b"] ** 2)
+        metrics["grad_norm/total"] = float(np.sqrt(squares))
         self.pending, self.scalars, self.before = {}, {}, []
         return metrics
+
+    def layer_keys(self, quantity: str, n: int) -> list[str]:
+        """`quantity/l001` … for n layers, built once per quantity."""
+        keys = self.keys.get(quantity)
+        if keys is None or len(keys) != n:
+            keys = self.keys[quantity] = [layer_key(quantity, l) for l in range(1, n + 1)]
+        return keys
 
 
 def norms(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -182,20 +188,23 @@ class Dynamics:
     """Every probe at full resolution, kept for the run's `dynamics.parquet` (long format)."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[int, str, float]] = []
+        self.records: list[tuple[int, dict[str, float]]] = []
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
-        self.rows.extend((step, key, value) for key, value in metrics.items())
+        self.records.append((step, metrics))
 
     def frame(self) -> pd.DataFrame:
         """Columns step, layer (nullable: network-level quantities have none), quantity, value."""
-        steps, keys, values = zip(*self.rows, strict=True) if self.rows else ((), (), ())
-        split = [split_key(key) for key in keys]
+        split = {key: split_key(key) for _, metrics in self.records for key in metrics}
+        rows = [
+            (step, *split[key], value) for step, metrics in self.records for key, value in metrics.items()
+        ]
+        steps, quantities, layers, values = zip(*rows, strict=True) if rows else ((), (), (), ())
         return pd.DataFrame(
             {
                 "step": pd.array(steps, dtype="int64"),
-                "layer": pd.array([layer for _, layer in split], dtype="Int64"),
-                "quantity": pd.array([quantity for quantity, _ in split], dtype="string"),
+                "layer": pd.array(layers, dtype="Int64"),
+                "quantity": pd.array(quantities, dtype="string"),
                 "value": pd.array(values, dtype="float64"),
             }
         )

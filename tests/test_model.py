@@ -62,9 +62,9 @@ def test_shapes_layers_and_kept_pre_activations():
     out = net(torch.randn(7, 5))
     assert [tuple(z.shape) for z in net.z] == [(7, 8)] * 3 + [(7, 2)] and net.z[-1] is out
     assert len(net.a) == 3 and torch.allclose(net.a[0], torch.tanh(net.norms[0](net.z[0])))
-    net.keep_z = False
+    net.keep_z, net.z, net.a = False, [], []
     net(torch.randn(7, 5))
-    assert net.z == [] and net.a == []
+    assert net.z == [] and net.a == []  # off probe steps nothing is kept
 
 
 def test_residual_adds_the_previous_activation():

@@ -1,0 +1,146 @@
+"""What the harness costs, measured side by side in one process (this machine is noisy: compare ratios).
+
+    python scripts/bench.py                 # the full table (a few minutes on 2 cores)
+    python scripts/bench.py --quick         # smaller sizes, to check that it runs
+
+For each MLP size the same data, model and steps run as: the bare PyTorch loop (the floor), the harness
+with default settings (probes every 10 steps, MLflow logging into a SQLite store), and the harness
+probing every step. Variants alternate within each repetition and the median is reported. Start-up
+(imports, store, run creation) and teardown (artifacts) are reported separately as the fixed cost of
+a run. It also times the hand-written backward (train.engine=manual) against autograd.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+
+from bpexp.config import Config, to_config
+from bpexp.data import make_data
+from bpexp.model import build_mlp
+from bpexp.optim import build_optimizer
+from bpexp.tracking import Tracker
+from bpexp.train import minibatches, train
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def config(*overrides: str) -> Config:
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return to_config(compose("train", overrides=list(overrides)))
+
+
+def bare_loop(cfg: Config) -> float:
+    """The floor: the same model, data, batches and optimizer, with nothing measured or logged."""
+    torch.set_num_threads(cfg.train.threads)
+    torch.manual_seed(cfg.seed)
+    data = make_data(cfg.data, cfg.seed).to(torch.device("cpu"), torch.float32)
+    model = build_mlp(cfg.model, data.in_dim, data.out_dim)
+    optimizer, schedule = build_optimizer(cfg.optim, model.parameters(), cfg.train.steps)
+    batches = minibatches(data, cfg.train.batch_size, cfg.seed)
+    start = time.perf_counter()
+    for _ in range(cfg.train.steps):
+        x, y = next(batches)
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def harness(cfg: Config, folder: Path) -> tuple[float, float]:
+    """(loop seconds, whole-run seconds) of train() into a fresh SQLite store."""
+    cfg.tracking.uri = f"sqlite:///{folder}/mlflow.db"
+    result = train(cfg, launch_dir=folder, out_dir=folder / "out")
+    return result.loop_seconds, result.seconds
+
+
+def overhead_table(sizes: list[tuple[int, int]], steps: int, repeats: int) -> list[dict]:
+    rows = []
+    for depth, width in sizes:
+        common = [f"model.depth={depth}", f"model.width={width}", f"train.steps={steps}", "data=teacher"]
+        times: dict[str, list[float]] = {"bare": [], "default": [], "full": []}
+        for _ in range(repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                # the store exists before timing, as it does for every run after a user's first
+                Tracker(f"sqlite:///{tmp}/mlflow.db", "bpexp").experiment_id()
+                times["bare"].append(bare_loop(config(*common)))
+                times["default"].append(harness(config(*common), Path(tmp) / "a")[0])
+                times["full"].append(harness(config(*common, "probes=full"), Path(tmp) / "b")[0])
+        bare, default, full = (statistics.median(times[k]) for k in ("bare", "default", "full"))
+        rows.append({"depth": depth, "width": width, "steps": steps, "bare_s": bare,
+                     "default_x": default / bare, "full_x": full / bare})  # fmt: skip
+    return rows
+
+
+def fixed_costs() -> dict[str, float]:
+    """Imports (a fresh interpreter), store creation, run creation, and teardown of one small run."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import bpexp.train"], check=True)
+    imports = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        tracker = Tracker(f"sqlite:///{tmp}/mlflow.db", "bpexp")
+        tracker.experiment_id()
+        new_store = time.perf_counter() - start
+        start = time.perf_counter()
+        tracker.start("bench", {"a": 1}, {})
+        run = time.perf_counter() - start
+        tracker.end("FINISHED")
+        result = train(config("train.steps=20", f"tracking.uri=sqlite:///{tmp}/mlflow.db"), Path(tmp), Path(tmp) / "o")
+        teardown = result.seconds - result.loop_seconds
+    return {"imports_s": imports, "new_store_s": new_store, "run_creation_s": run, "run_start_and_end_s": teardown}
+
+
+def engine_ratio(steps: int, repeats: int) -> list[dict]:
+    """Step time of the hand-written backward as a ratio to autograd's on the same MLP (probes off)."""
+    rows = []
+    for depth, width in [(8, 64), (8, 256)]:
+        common = [f"model.depth={depth}", f"model.width={width}", f"train.steps={steps}", "tracking=none",
+                  "probes=off", "data=teacher", "model.activation=tanh"]  # fmt: skip
+        times: dict[str, list[float]] = {"autograd": [], "manual": []}
+        for _ in range(repeats):
+            for engine in times:
+                times[engine].append(train(config(*common, f"train.engine={engine}")).loop_seconds)
+        auto, manual = statistics.median(times["autograd"]), statistics.median(times["manual"])
+        rows.append({"depth": depth, "width": width, "autograd_ms": 1e3 * auto / steps, "manual_x": manual / auto})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes and few steps")
+    args = parser.parse_args()
+    sizes = [(8, 64), (8, 256), (32, 64), (32, 256)]
+    steps, repeats = (60, 2) if args.quick else (300, 3)
+    if args.quick:
+        sizes = sizes[:2]
+
+    print("overhead of the harness, ratio to the bare PyTorch loop (median of", repeats, "alternating runs)")
+    print(f"{'depth':>5} {'width':>5} {'steps':>5} {'bare s':>8} {'default':>8} {'every step':>10}")
+    for r in overhead_table(sizes, steps, repeats):
+        print(f"{r['depth']:5d} {r['width']:5d} {r['steps']:5d} {r['bare_s']:8.2f} {r['default_x']:7.2f}x {r['full_x']:9.2f}x")
+    print("targets: default <= 1.10x, every step with all quantities <= 1.50x\n")
+
+    print("fixed cost of one run (not in the ratios above)")
+    for key, value in fixed_costs().items():
+        print(f"  {key:<22} {value:6.2f} s")
+
+    print("\nhand-written backward (train.engine=manual) vs autograd, probes off")
+    for r in engine_ratio(steps, repeats):
+        print(f"  depth {r['depth']:2d} width {r['width']:3d}: autograd {r['autograd_ms']:.2f} ms/step, manual {r['manual_x']:.2f}x")
+    print("target: manual <= 1.5x")
+
+
+if __name__ == "__main__":
+    main()
