@@ -60,9 +60,9 @@ RUN_COLUMNS = [
     "experiment_id",
     "artifact_uri",
 ]
-INT_TAGS = {"diverged_step", "diverged_layer"}
+INT_TAGS = {"diverged_step", "diverged_layer", "job"}
 # Params that describe how a run was executed or predicted, not which network it trained.
-NOT_CONFIG = re.compile(r"^(seed|device|theory\..*|tracking\..*|train\.threads)$")
+NOT_CONFIG = re.compile(r"^(seed|device|theory\..*|tracking\..*|sweep\..*|train\.threads)$")
 SEARCH_PAGE = 1000
 
 
@@ -191,6 +191,7 @@ def load_runs(
     parent_run_id: str | None = None,
     layer_metrics: bool = False,
     include_parents: bool = False,
+    latest_per_job: bool = True,
     filter_string: str = "",
 ) -> pd.DataFrame:
     """One row per run of `experiment` (of one sweep when `sweep` or `parent_run_id` is given).
@@ -200,8 +201,10 @@ def load_runs(
     ``parse_param`` (theory.chi1 … where logged), then the final value of every network-level metric
     (`val/loss`, `delta/log10_ratio`, `theory/delta_log10_ratio` …; per-layer ones too with
     `layer_metrics=True`). With both `sweep` and `parent_run_id`, a run that has either link counts.
-    A sweep's parent run (a run that other loaded runs name as parent) is left out unless
-    `include_parents`. ``frame.attrs`` keeps tracking_uri, experiment and the param column names.
+    A sweep's parent run (tagged bpexp.role=sweep, or named as parent by a loaded run) is left out
+    unless `include_parents`. A resumed sweep launches a job again (tag bpexp.job): only its latest
+    run is kept unless `latest_per_job=False`. ``frame.attrs`` keeps tracking_uri, experiment and the
+    param column names.
     """
     client = make_client(tracking_uri)
     exp_id = experiment_id(client, experiment)
@@ -218,7 +221,9 @@ def load_runs(
     runs = sorted(found.values(), key=lambda r: (r.info.start_time or 0, r.info.run_id))
     if not include_parents:
         parents = {r.data.tags.get("mlflow.parentRunId") for r in runs} | {parent_run_id}
-        runs = [r for r in runs if r.info.run_id not in parents]
+        runs = [r for r in runs if r.info.run_id not in parents and r.data.tags.get("bpexp.role") != "sweep"]
+    if latest_per_job:
+        runs = latest_runs(runs)
     frame = runs_frame(runs, layer_metrics)
     frame.attrs.update(
         tracking_uri=client.tracking_uri,
@@ -226,6 +231,22 @@ def load_runs(
         params=[c for c in frame.columns if c in param_names(runs)],
     )
     return frame
+
+
+def latest_runs(runs: list[Any]) -> list[Any]:
+    """The last-started run of each (sweep, job); runs without a bpexp.job tag all stay (in order)."""
+    latest: dict[Any, Any] = {}
+    for run in runs:  # sorted by start time: a later launch of the same job replaces the earlier one
+        tags = run.data.tags
+        job = tags.get("bpexp.job")
+        key = (
+            (tags.get("bpexp.sweep"), tags.get("mlflow.parentRunId"), job)
+            if job is not None
+            else run.info.run_id
+        )
+        latest[key] = run
+    keep = {run.info.run_id for run in latest.values()}
+    return [run for run in runs if run.info.run_id in keep]
 
 
 def param_names(runs: list[Any]) -> set[str]:
@@ -261,7 +282,7 @@ def runs_frame(runs: list[Any], layer_metrics: bool = False) -> pd.DataFrame:
         info_rows, columns=list(dict.fromkeys([*RUN_COLUMNS, *(k for r in info_rows for k in r)]))
     )
     for name in INT_TAGS & set(info.columns):
-        info[name] = pd.array([None if pd.isna(v) else int(v) for v in info[name]], dtype="Int64")
+        info[name] = pd.array([as_int(v) for v in info[name]], dtype="Int64")
     raw_params = pd.DataFrame(param_rows, dtype=object).reindex(
         columns=sorted({k for r in param_rows for k in r})
     )
@@ -269,6 +290,14 @@ def runs_frame(runs: list[Any], layer_metrics: bool = False) -> pd.DataFrame:
     metrics = pd.DataFrame(metric_rows, dtype="float64")
     metrics = metrics.reindex(columns=sorted(metrics.columns))
     return pd.concat([info, params, metrics], axis=1)
+
+
+def as_int(text: Any) -> int | None:
+    """A tag that holds an integer, or None (missing, 'None', anything else)."""
+    try:
+        return int(text)
+    except (TypeError, ValueError):
+        return None
 
 
 def param_columns(frame: pd.DataFrame) -> list[str]:
@@ -348,7 +377,8 @@ class Sweep:
 
 
 def find_sweep(ref: str = "latest", experiment: str = "bpexp", tracking_uri: str | None = None) -> Sweep:
-    """A sweep by its id (the bpexp.sweep tag), by its parent run id, or the latest one ('latest')."""
+    """A sweep by its id (the bpexp.sweep tag), by its parent run id (or a child's), or 'latest': the
+    sweep of the most recently started run with a bpexp.sweep tag."""
     client = make_client(tracking_uri)
     exp_id = experiment_id(client, experiment)
     uri = client.tracking_uri
@@ -368,8 +398,10 @@ def find_sweep(ref: str = "latest", experiment: str = "bpexp", tracking_uri: str
         except MlflowException:
             run = None
         if run is not None:
-            sweep_id = run.data.tags.get("bpexp.sweep", ref)
-            return Sweep(sweep_id, ref, experiment, uri)
+            tags = run.data.tags
+            parent = tags.get("mlflow.parentRunId") if tags.get("bpexp.role") != "sweep" else None
+            parent = parent or ref  # a child's run id stands for its sweep
+            return Sweep(tags.get("bpexp.sweep", parent), parent, experiment, uri)
     if client.search_runs([exp_id], f"tags.`bpexp.sweep` = {quote(ref)}", max_results=1):
         return Sweep(ref, sweep_parent(client, exp_id, ref), experiment, uri)
     known = {r.data.tags["bpexp.sweep"] for r in client.search_runs([exp_id], "tags.`bpexp.sweep` != ''")}
@@ -380,8 +412,12 @@ def find_sweep(ref: str = "latest", experiment: str = "bpexp", tracking_uri: str
 
 
 def sweep_parent(client: MlflowClient, exp_id: str, sweep_id: str) -> str | None:
-    """The run the sweep's children name as parent, else its one tagged run without a parent."""
+    """The sweep's run tagged bpexp.role=sweep, else the run its children name as parent, else its one
+    tagged run without a parent."""
     runs = search_all(client, [exp_id], f"tags.`bpexp.sweep` = {quote(sweep_id)}")
+    for run in runs:
+        if run.data.tags.get("bpexp.role") == "sweep":
+            return run.info.run_id
     ids = {r.info.run_id for r in runs}
     named = [r.data.tags.get("mlflow.parentRunId") for r in runs]
     for parent in named:
@@ -516,33 +552,41 @@ def history_tables(
 
 
 def combine(run_ids: list[str], tables: dict[str, pa.Table]) -> pd.DataFrame:
-    """Per-run Arrow tables -> one DataFrame. run_id is a categorical built from the tables' lengths and
-    quantity one from the Parquet dictionary codes, so no Python string is made per row."""
+    """Per-run Arrow tables -> one DataFrame, written once into preallocated columns (each first touch
+    of fresh memory costs a page fault, so no intermediate copies). run_id is a categorical built from
+    the tables' lengths and quantity one from the Parquet dictionary codes: no Python string per row."""
     order = [r for r in run_ids if r in tables]
-    table = pa.concat_tables([tables[r] for r in order]) if order else DYNAMICS_SCHEMA.empty_table()
-    table = table.unify_dictionaries().combine_chunks()
-    lengths = np.array([tables[r].num_rows for r in order], dtype=np.int64)
-    quantity = table.column("quantity").chunk(0) if table.num_rows else None
-    layer = table.column("layer").combine_chunks()
-    return pd.DataFrame(
-        {
-            "run_id": pd.Categorical.from_codes(
-                np.repeat(np.arange(len(order), dtype=np.int32), lengths),
-                categories=pd.Index(order, dtype=object),
-            ),
-            "step": table.column("step").to_numpy(),
-            "layer": pd.arrays.IntegerArray(
-                layer.fill_null(0).to_numpy(), layer.is_null().to_numpy(zero_copy_only=False)
-            ),
-            "quantity": pd.Categorical.from_codes(
-                quantity.indices.to_numpy() if quantity is not None else np.array([], dtype=np.int32),
-                categories=pd.Index(
-                    quantity.dictionary.to_pylist() if quantity is not None else [], dtype=object
-                ),
-            ),
-            "value": table.column("value").to_numpy(),
-        }
-    )
+    n = sum(tables[r].num_rows for r in order)
+    step, layer, value = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.float64)
+    missing, quantity, run = np.empty(n, bool), np.empty(n, np.int32), np.empty(n, np.int32)
+    categories: dict[str, int] = {}
+    offset = 0
+    for code, run_id in enumerate(order):
+        for batch in tables[run_id].to_batches():
+            end = offset + batch.num_rows
+            run[offset:end] = code
+            step[offset:end] = batch.column("step").to_numpy()
+            value[offset:end] = batch.column("value").to_numpy(
+                zero_copy_only=False
+            )  # NaN was written as null
+            layers = batch.column("layer")
+            layer[offset:end] = layers.fill_null(0).to_numpy()
+            missing[offset:end] = layers.is_null().to_numpy(zero_copy_only=False)
+            names = batch.column("quantity")
+            lookup = np.array(
+                [categories.setdefault(name, len(categories)) for name in names.dictionary.to_pylist()],
+                dtype=np.int32,
+            )
+            quantity[offset:end] = lookup[names.indices.to_numpy(zero_copy_only=False)]
+            offset = end
+    columns = {
+        "run_id": pd.Categorical.from_codes(run, categories=pd.Index(order, dtype=object)),
+        "step": step,
+        "layer": pd.arrays.IntegerArray(layer, missing),
+        "quantity": pd.Categorical.from_codes(quantity, categories=pd.Index(list(categories), dtype=object)),
+        "value": value,
+    }
+    return pd.DataFrame(columns, copy=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -629,9 +673,9 @@ def summarize(runs: pd.DataFrame, dynamics: pd.DataFrame) -> pd.DataFrame:
       complete finite profile (`_init`, normally step 0) and at the last one (`_end`); `init_step` and
       `end_step` say which steps (those of ∂L/∂W);
     - `diverged` (outcome == 'diverged') and `diverged_step` (the tag, else the diverged/step metric);
-    - `final_val_loss` (the last val/loss of a completed run; NaN for a diverged or failed one, so a
-      median of final losses is over runs that finished), `best_val_loss` and `best_val_step` (the
-      lowest finite val/loss of any run, and when).
+    - `final_val_loss` (the last val/loss of a completed run, from the dynamics, else the run's final
+      metric; NaN for a diverged or failed one, so a median of final losses is over runs that
+      finished), `best_val_loss` and `best_val_step` (the lowest finite val/loss in the dynamics).
     """
     out = runs.copy()
     index = pd.Index(out["run_id"].astype(str))
@@ -652,6 +696,8 @@ def summarize(runs: pd.DataFrame, dynamics: pd.DataFrame) -> pd.DataFrame:
     val = dynamics.loc[dynamics["quantity"] == "val/loss", ["run_id", "step", "value"]]
     val = val.assign(run_id=val["run_id"].astype(object)).sort_values(["run_id", "step"], kind="stable")
     last = val.groupby("run_id")["value"].last().reindex(index).to_numpy(dtype=float)
+    if "val/loss" in out:  # no val/loss in the dynamics (filtered out): the run's final metric
+        last = np.where(np.isnan(last), out["val/loss"].to_numpy(dtype=float), last)
     out["final_val_loss"] = np.where((outcome == "completed").to_numpy(dtype=bool), last, np.nan)
     finite = val[np.isfinite(val["value"])]
     best = finite.loc[finite.groupby("run_id")["value"].idxmin()].set_index("run_id").reindex(index)

@@ -8,7 +8,7 @@ metric-history path is measured on that subset and extrapolated linearly to all 
 output). Generation time is reported separately and excluded from the load times.
 
     python scripts/bench_dynamics.py                      # full size, 3 runs for the history path
-    python scripts/bench_dynamics.py --runs 20 --steps 50 # smaller
+    python scripts/bench_dynamics.py --quick              # 20 runs × 50 steps, to check that it runs
 `benchmark(...)` returns the numbers as a dict (scripts/bench.py calls it).
 """
 
@@ -164,9 +164,9 @@ def benchmark(
 
 
 def describe(r: dict[str, Any]) -> str:
+    runs = f"{r['history_runs_measured']} run" + ("s" if r["history_runs_measured"] != 1 else "")
     how = (
-        f"measured on {r['history_runs_measured']} runs ({r['history_subset_s']:.2f} s) and extrapolated "
-        f"linearly to {r['runs']}"
+        f"measured on {runs} ({r['history_subset_s']:.2f} s) and extrapolated linearly to {r['runs']}"
         if r["history_extrapolated"]
         else "measured on all runs"
     )
@@ -175,7 +175,7 @@ def describe(r: dict[str, Any]) -> str:
             f"dynamics of {r['runs']} runs × {r['layers']} layers × {r['quantities']} quantities × "
             f"{r['steps']} steps = {r['rows']:,} rows, {r['workers']} threads",
             f"  generation (excluded): {r['generate_total_s']:.1f} s in all; Parquet writes "
-            f"{r['generate_parquet_s']:.2f} s; MLflow log_batch for {r['history_runs_measured']} runs "
+            f"{r['generate_parquet_s']:.2f} s; MLflow log_batch for {runs} "
             f"{r['generate_history_s']:.1f} s",
             f"  load_runs (search the store):        {r['load_runs_s']:8.2f} s",
             f"  load_dynamics from Parquet:          {r['parquet_s']:8.2f} s  "
@@ -199,7 +199,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    parser.add_argument("--quick", action="store_true", help="20 runs × 50 steps, to check that it runs")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.runs, args.steps, args.history_runs = 20, 50, 1
     result = benchmark(args.runs, args.layers, args.quantities, args.steps, args.history_runs, args.workers)
     print(json.dumps(result, indent=2) if args.json else describe(result))
     return result

@@ -1,0 +1,142 @@
+"""Integration: a real small sweep (train() a few times into SQLite under tmp_path), then the report."""
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from conftest import cli_env, make_config
+from mlflow.tracking import MlflowClient
+
+from bpexp import analysis, report
+from bpexp.train import train
+
+SWEEP = "test-sweep"
+REQUIRED = ["init_profile", "grad_heatmap", "loss_vs_depth", "update_ratio"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """2 depths × 2 activations × 2 seeds, plus one run that diverges, linked to a parent run.
+
+    Until the Hydra sweep callback lands, the parent run is made here and the children are linked
+    after the fact with the same tags the callback sets (mlflow.parentRunId, bpexp.sweep).
+    """
+    root = tmp_path_factory.mktemp("sweep")
+    store = f"sqlite:///{root}/mlflow.db"
+    common = [
+        f"tracking.uri={store}",
+        "data=teacher",
+        "train.steps=20",
+        "probes.every=5",
+        "train.eval_every=5",
+    ]
+    run_ids = []
+    for depth in (2, 6):
+        for activation, init in (("tanh", "xavier_normal"), ("relu", "normal")):
+            for seed in (0, 1):
+                cfg = make_config(
+                    *common,
+                    f"model.depth={depth}",
+                    f"model.activation={activation}",
+                    f"model.init={init}",
+                    f"seed={seed}",
+                )
+                run_ids.append(train(cfg, launch_dir=root, out_dir=root / f"run{len(run_ids)}").run_id)
+    cfg = make_config(*common, "model.depth=6", "optim=sgd", "optim.lr=1e4")
+    diverged = train(cfg, launch_dir=root, out_dir=root / "diverged")
+    assert diverged.outcome == "diverged"
+    run_ids.append(diverged.run_id)
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("bpexp")
+    parent = client.create_run(experiment.experiment_id, run_name="sweep", tags={"bpexp.sweep": SWEEP})
+    for run_id in run_ids:
+        client.set_tag(run_id, "mlflow.parentRunId", parent.info.run_id)
+        client.set_tag(run_id, "bpexp.sweep", SWEEP)
+    client.set_terminated(parent.info.run_id)
+    return {"root": root, "store": store, "parent": parent.info.run_id, "run_ids": run_ids}
+
+
+@pytest.fixture(scope="module")
+def built(sweep):
+    return report.build_report(SWEEP, tracking_uri=sweep["store"], out_dir=sweep["root"] / "reports")
+
+
+def test_every_figure_is_a_non_empty_png_logged_to_the_parent(sweep, built):
+    assert built.directory == sweep["root"] / "reports" / SWEEP and built.logged_to == sweep["parent"]
+    expected = REQUIRED + (["theory"] if "theory/delta_log10_ratio" in built.runs else [])
+    assert sorted(built.figures) == sorted(expected)
+    for path in built.figures.values():
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    text = built.markdown.read_text()
+    for path in built.figures.values():
+        assert f"]({path.name})" in text
+    logged = {a.path for a in MlflowClient(sweep["store"]).list_artifacts(sweep["parent"], "report")}
+    assert {
+        f"report/{p.name}" for p in [built.markdown, *built.figures.values(), *built.tables.values()]
+    } <= logged
+
+
+def test_the_report_tables_match_load_runs(sweep, built):
+    runs = analysis.load_runs("bpexp", sweep=SWEEP, tracking_uri=sweep["store"])
+    assert sorted(runs["run_id"]) == sorted(sweep["run_ids"])
+    table = pd.read_csv(built.tables["runs"])
+    assert table["run_id"].tolist() == runs["run_id"].tolist()
+    for column in ("run_name", "outcome", "diagnosis", "seed"):
+        assert table[column].tolist() == runs[column].tolist()
+    assert table.loc[table["outcome"] == "diverged", "diverged_step"].notna().all()
+    text = built.markdown.read_text()
+    assert all(name in text for name in runs["run_name"])
+
+    configs = pd.read_csv(built.tables["configs"])
+    by = analysis.config_columns(runs)
+    assert {"model.depth", "model.activation", "model.init"} <= set(by) and "seed" not in by
+    assert configs["rank"].tolist() == list(range(1, len(configs) + 1))
+    assert configs["n_runs"].sum() == len(runs) and len(configs) == 5
+    counts = runs.groupby(by, dropna=False).agg(
+        n=("run_id", "size"), diverged=("outcome", lambda o: (o == "diverged").sum())
+    )
+    assert sorted(counts["n"]) == sorted(configs["n_runs"])
+    assert configs["diverged"].tolist()[-1] == 1 and configs["diverged"].sum() == counts["diverged"].sum()
+    for _, row in configs.iterrows():  # each ranked config's counts are load_runs' counts
+        match = runs
+        for column in ("model.depth", "model.activation", "optim.name"):
+            match = match[match[column] == row[column]]
+        assert len(match) == row["n_runs"] and (match["outcome"] == "completed").sum() == row["completed"]
+        assert f"| {row['rank']} | {row['config']} | {row['n_runs']} |" in text
+
+
+def test_summary_numbers_agree_with_the_logged_metrics(built):
+    s = built.summary.set_index("run_id")
+    done = s[s["outcome"] == "completed"]
+    # measured at step 0 by the probes, recomputed here from the per-layer norms of the Parquet file
+    metric = analysis.load_dynamics(built.runs, quantities=["delta/log10_ratio"])
+    first = metric[metric["step"] == 0].set_index("run_id")["value"]
+    assert done["delta_log10_ratio_init"].to_numpy() == pytest.approx(
+        first.loc[done.index].to_numpy(), abs=1e-9
+    )
+    assert done["final_val_loss"].to_numpy() == pytest.approx(done["val/loss"].to_numpy())
+
+
+def test_the_shown_runs_span_the_diagnoses(built):
+    shown = built.summary.set_index("run_id").loc[built.shown]
+    assert 1 <= len(shown) <= 4 and shown["config"].is_unique
+    assert "diverged" in set(shown["diagnosis"]) or "diverged" not in set(built.summary["diagnosis"])
+
+
+@pytest.mark.slow
+def test_cli_reads_the_store_of_the_working_directory(sweep):
+    cmd = [sys.executable, "-m", "bpexp.report", "latest", "--no-log"]
+    done = subprocess.run(cmd, cwd=sweep["root"], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"report of sweep {SWEEP}: 9 runs, 5 configs" in done.stdout
+    for name in REQUIRED:
+        assert (sweep["root"] / "reports" / SWEEP / f"{name}.png").stat().st_size > 0
+    missing = subprocess.run(
+        [*cmd[:3], "no-such-sweep", "--tracking-uri", sweep["store"]],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "sweeps there: test-sweep" in missing.stderr
