@@ -7,6 +7,8 @@ DictConfig into these dataclasses (before any data, model or run exists).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -259,6 +261,12 @@ class TrackingConfig:
 
 
 @dataclass
+class SweepConfig:
+    resume: bool = False
+    """Skip a job whose config (config_hash) already has a FINISHED run in the experiment (bpexp/sweep.py)."""
+
+
+@dataclass
 class Config:
     data: DataConfig = MISSING
     model: ModelConfig = MISSING
@@ -266,6 +274,7 @@ class Config:
     probes: ProbesConfig = MISSING
     tracking: TrackingConfig = MISSING
     train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 0
     """Seeds data, init, batches and dropout: same seed, bit-identical metrics."""
     device: Device = Device.auto
@@ -305,6 +314,17 @@ def flatten(cfg: Config | DictConfig) -> dict[str, Any]:
 
     walk("", OmegaConf.to_container(node, resolve=True, enum_to_str=True))
     return flat
+
+
+# Keys that say where and how a run is recorded or launched, not what it computes.
+NOT_HASHED = ("tracking.", "sweep.")
+
+
+def config_hash(cfg: Config | DictConfig) -> str:
+    """16 hex digits that name what a run computes: the resolved config less tracking.* and sweep.*."""
+    flat = {k: v for k, v in flatten(cfg).items() if not k.startswith(NOT_HASHED)}
+    text = json.dumps(flat, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 register()

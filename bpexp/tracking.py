@@ -3,6 +3,9 @@
 The only `import mlflow` on the training side. It talks to the store through an `MlflowClient` and a
 run id, never through mlflow's global "active run", so a worker process that runs many jobs (joblib)
 starts each from clean state.
+
+Inside a sweep, bpexp/sweep.py hands each job its link to the sweep in $BPEXP_SWEEP (JSON: store,
+experiment, parent run, tags): the job's run is then created there, as a child of the sweep's parent run.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ from bpexp.config import ConfigError, TrackingBackend, TrackingConfig
 METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 FLUSH_SECONDS = 10.0  # flush at least this often, so the UI follows a long run
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # opens in the training view
+SWEEP_ENV = "BPEXP_SWEEP"  # set by bpexp/sweep.py around each job of a sweep, removed after it
+
+
+def sweep_link() -> dict[str, Any] | None:
+    """The sweep this process's job belongs to: {uri, experiment, parent_run_id, tags}, or None."""
+    text = os.environ.get(SWEEP_ENV)
+    return json.loads(text) if text else None
 
 
 def resolve_uri(cfg: TrackingConfig, launch_dir: Path) -> str:
@@ -67,20 +77,33 @@ class NullTracker:
     def set_tags(self, tags: dict[str, str]) -> None:
         pass
 
+    def flush(self) -> None:
+        pass
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
     def end(self, status: str) -> None:
         pass
 
+    def find_finished(self, config_hash: str) -> Any | None:
+        return None
+
 
 class Tracker(NullTracker):
     """One MLflow run in `experiment` at `uri`."""
 
-    def __init__(self, uri: str, experiment: str, parent_run_id: str | None = None):
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        parent_run_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ):
         from mlflow.tracking import MlflowClient
 
         self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
+        self.tags = tags or {}  # set on the run at its creation (a sweep's link)
         self.client = MlflowClient(tracking_uri=uri)
         self.buffer: list[Any] = []
         self.last_flush = time.monotonic()
@@ -108,8 +131,9 @@ class Tracker(NullTracker):
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         from mlflow.entities import Param, RunTag
 
+        tags = {**self.tags, **tags}
         if self.parent_run_id:
-            tags = {**tags, "mlflow.parentRunId": self.parent_run_id}
+            tags["mlflow.parentRunId"] = self.parent_run_id
         run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         items = [Param(key, param_value(value)) for key, value in params.items()]
@@ -158,10 +182,27 @@ class Tracker(NullTracker):
         finally:
             self.client.set_terminated(self.run_id, status)
 
+    def find_finished(self, config_hash: str) -> Any | None:
+        """The latest FINISHED run of this experiment whose bpexp.config_hash tag is config_hash."""
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            return None
+        runs = self.client.search_runs(
+            [found.experiment_id],
+            f"tags.`bpexp.config_hash` = '{config_hash}' and attributes.status = 'FINISHED'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        return runs[0] if runs else None
+
 
 def make_tracker(cfg: TrackingConfig, launch_dir: Path, parent_run_id: str | None = None) -> NullTracker:
+    """The run's tracker; inside a sweep, in the sweep's store and experiment, under its parent run."""
     if cfg.backend == TrackingBackend.none:
         return NullTracker()
+    link = sweep_link()
+    if link is not None:
+        return Tracker(link["uri"], link["experiment"], parent_run_id or link["parent_run_id"], link["tags"])
     uri = resolve_uri(cfg, launch_dir)
     check_reachable(uri)
     return Tracker(uri, cfg.experiment, parent_run_id)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from bpexp.backprop import check_supported, gradcheck, manual_backward
-from bpexp.config import Config, ConfigError, Device, Engine, flatten, to_config
+from bpexp.config import Config, ConfigError, Device, Engine, config_hash, flatten, to_config
 from bpexp.data import Dataset, make_data
 from bpexp.figures import gradient_profile_figure
 from bpexp.model import MLP, build_mlp, first_nonfinite_layer
@@ -51,7 +51,8 @@ class RunResult:
     steps: int = 0  # optimizer steps taken
     diverged_step: int | None = None
     diverged_layer: int | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the whole run, from the store's run creation to its end
+    loop_seconds: float = 0.0  # the training loop alone: steps, probes, evaluation and metric logging
 
     @property
     def objective(self) -> float:
@@ -89,10 +90,12 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
 
     result = RunResult(outcome="completed", diagnosis="healthy")
     start = time.perf_counter()
-    params = {**flatten(cfg), **(prediction.params() if prediction else {})}
+    config = {k: v for k, v in flatten(cfg).items() if not k.startswith("sweep.")}  # how, not what
+    params = {**config, **(prediction.params() if prediction else {})}
     with sigterm_as_interrupt():  # from the run's creation on, SIGTERM ends it KILLED, never RUNNING
         try:
-            tracker.start(run_name(cfg), params, {"bpexp.outcome": "running"})
+            tags = {"bpexp.outcome": "running", "bpexp.config_hash": config_hash(cfg)}
+            tracker.start(run_name(cfg), params, tags)
             result.run_id = tracker.run_id
             log.info(
                 "run %s started (%s): L=%d, %d steps",
@@ -101,6 +104,7 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
                 model.n_layers,
                 cfg.train.steps,
             )
+            loop_start = time.perf_counter()
             for step in range(cfg.train.steps + 1):  # the last pass only probes the trained net
                 last = step == cfg.train.steps
                 if step % cfg.train.eval_every == 0 or last:
@@ -109,7 +113,6 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
                 if last and not probing:
                     break
                 x, y = next(batches)
-                model.train()
                 step_pass = backprop_pass(model, x, y, data, engine, probing)
                 # One host sync per step: divergence is recorded at the step where it starts.
                 if not math.isfinite(step_pass.loss.item()):
@@ -135,6 +138,8 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
                         diverged(result, step, model, x)
                         break
                 optimizer.zero_grad(set_to_none=True)
+            tracker.flush()
+            result.loop_seconds = time.perf_counter() - loop_start
             result.diagnosis = "diverged" if result.outcome == "diverged" else diagnose(result.metrics)
         except KeyboardInterrupt:
             result.outcome = "killed"
@@ -145,8 +150,10 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
             tracker.log_artifact(out_dir / "traceback.txt")
             raise
         finally:
-            result.seconds = time.perf_counter() - start
-            finish(cfg, result, dynamics, tracker, out_dir)
+            try:
+                finish(cfg, result, dynamics, tracker, out_dir)
+            finally:
+                result.seconds = time.perf_counter() - start
     return result
 
 
@@ -169,12 +176,15 @@ def backprop_pass(
         z, out = manual.forward.z, manual.forward.z[-1]
         hidden = [model.f(z_l) for z_l in z[:-1]] if probing else []
         return Pass(manual.loss, out, manual.delta, [*hidden, out])
-    model.keep_z = probing  # autograd keeps z^(l) and its gradient δ^(l) only when asked
+    if not probing:
+        out = model(x)
+        loss = loss_fn(data, out, y)
+        loss.backward()  # a non-finite loss gives non-finite grads; the loop stops before they are used
+        return Pass(loss, out, [], [])
+    model.keep_z = True  # autograd keeps z^(l) and its gradient δ^(l) on probe steps
     out = model(x)
     loss = loss_fn(data, out, y)
-    loss.backward()  # a non-finite loss gives non-finite grads; the loop stops before they are used
-    if not probing:
-        return Pass(loss, out, [], [])
+    loss.backward()
     delta, activations = [z.grad for z in model.z], [*model.a, out.detach()]
     model.keep_z, model.z, model.a = False, [], []
     return Pass(loss, out, delta, activations)
@@ -269,6 +279,7 @@ def evaluate(model: MLP, data: Dataset) -> dict[str, float]:
     """Validation loss (and accuracy), with dropout off and batch-norm running statistics."""
     model.eval()
     out = model(data.x_val)
+    model.train()
     metrics = {"val/loss": loss_fn(data, out, data.y_val), **accuracy(data, out, data.y_val, "val")}
     return {key: float(value) for key, value in metrics.items()}
 
@@ -318,15 +329,33 @@ def summary(result: RunResult, cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def resumed(cfg: Config, launch_dir: Path) -> float | None:
+    """sweep.resume=true: the objective of this config's FINISHED run, if the store has one (then skip)."""
+    run = make_tracker(cfg.tracking, launch_dir).find_finished(config_hash(cfg))
+    if run is None:
+        return None
+    tags = run.data.tags
+    done = RunResult(tags.get("bpexp.outcome", "completed"), tags.get("bpexp.diagnosis", "healthy"))
+    done.metrics, done.run_id = run.data.metrics, run.info.run_id
+    log.info("run %s skipped (sweep.resume): FINISHED as %s, %s", run_name(cfg), done.run_id, done.outcome)
+    return done.objective
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
-    runtime = HydraConfig.get().runtime
+    hydra_cfg = HydraConfig.get()
+    launch_dir, out_dir = Path(hydra_cfg.runtime.cwd), Path(hydra_cfg.runtime.output_dir)
     try:
         config = to_config(cfg)
-        result = train(config, launch_dir=Path(runtime.cwd), out_dir=Path(runtime.output_dir))
+        if config.sweep.resume and (objective := resumed(config, launch_dir)) is not None:
+            return objective
+        result = train(config, launch_dir=launch_dir, out_dir=out_dir)
     except ConfigError as err:
+        if hydra_cfg.mode == RunMode.MULTIRUN:
+            raise  # one bad point of a sweep fails alone; bpexp/sweep.py records it as a FAILED child
         print(f"bpexp: {err}", file=sys.stderr)
         sys.exit(2)
     log.info(summary(result, config))

@@ -97,9 +97,16 @@ def fixed_costs() -> dict[str, float]:
         tracker.start("bench", {"a": 1}, {})
         run = time.perf_counter() - start
         tracker.end("FINISHED")
-        result = train(config("train.steps=20", f"tracking.uri=sqlite:///{tmp}/mlflow.db"), Path(tmp), Path(tmp) / "o")
+        result = train(
+            config("train.steps=20", f"tracking.uri=sqlite:///{tmp}/mlflow.db"), Path(tmp), Path(tmp) / "o"
+        )
         teardown = result.seconds - result.loop_seconds
-    return {"imports_s": imports, "new_store_s": new_store, "run_creation_s": run, "run_start_and_end_s": teardown}
+    return {
+        "imports_s": imports,
+        "new_store_s": new_store,
+        "run_creation_s": run,
+        "run_start_and_end_s": teardown,
+    }
 
 
 def engine_ratio(steps: int, repeats: int) -> list[dict]:
@@ -113,12 +120,16 @@ def engine_ratio(steps: int, repeats: int) -> list[dict]:
             for engine in times:
                 times[engine].append(train(config(*common, f"train.engine={engine}")).loop_seconds)
         auto, manual = statistics.median(times["autograd"]), statistics.median(times["manual"])
-        rows.append({"depth": depth, "width": width, "autograd_ms": 1e3 * auto / steps, "manual_x": manual / auto})
+        rows.append(
+            {"depth": depth, "width": width, "autograd_ms": 1e3 * auto / steps, "manual_x": manual / auto}
+        )
     return rows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps")
     args = parser.parse_args()
     sizes = [(8, 64), (8, 256), (32, 64), (32, 256)]
@@ -129,7 +140,10 @@ def main() -> None:
     print("overhead of the harness, ratio to the bare PyTorch loop (median of", repeats, "alternating runs)")
     print(f"{'depth':>5} {'width':>5} {'steps':>5} {'bare s':>8} {'default':>8} {'every step':>10}")
     for r in overhead_table(sizes, steps, repeats):
-        print(f"{r['depth']:5d} {r['width']:5d} {r['steps']:5d} {r['bare_s']:8.2f} {r['default_x']:7.2f}x {r['full_x']:9.2f}x")
+        print(
+            f"{r['depth']:5d} {r['width']:5d} {r['steps']:5d} {r['bare_s']:8.2f} "
+            f"{r['default_x']:7.2f}x {r['full_x']:9.2f}x"
+        )
     print("targets: default <= 1.10x, every step with all quantities <= 1.50x\n")
 
     print("fixed cost of one run (not in the ratios above)")
@@ -138,7 +152,10 @@ def main() -> None:
 
     print("\nhand-written backward (train.engine=manual) vs autograd, probes off")
     for r in engine_ratio(steps, repeats):
-        print(f"  depth {r['depth']:2d} width {r['width']:3d}: autograd {r['autograd_ms']:.2f} ms/step, manual {r['manual_x']:.2f}x")
+        print(
+            f"  depth {r['depth']:2d} width {r['width']:3d}: "
+            f"autograd {r['autograd_ms']:.2f} ms/step, manual {r['manual_x']:.2f}x"
+        )
     print("target: manual <= 1.5x")
 
 

@@ -1,0 +1,377 @@
+"""A Hydra multirun as one object in MLflow: one parent run per sweep, every job's run its child.
+
+`SweepCallback` (conf/train.yaml: hydra.callbacks.sweep) works in two places:
+
+- the launching process (on_multirun_start, on_multirun_end): it creates the store, the experiment and
+  the parent run before any job starts (jobs that start together would race on SQLite schema creation
+  and on experiment creation), and at the end writes the sweep's summary on the parent: counts per
+  outcome, the overrides, and `runs.csv` / `runs.parquet` (one row per child: params, final metrics).
+  The end comes also after a failed job (Hydra raises before on_multirun_end), Ctrl-C or SIGTERM: an
+  atexit hook then ends the children still RUNNING (a joblib worker killed by its pool cannot) and the
+  parent as KILLED.
+- each job's process (on_job_start, on_job_end): the same process for the basic launcher, a reused
+  worker for joblib, another machine for submitit. The callback arrives there pickled with its state
+  (`SweepState`, plain data). It resets the process (no active MLflow run, the MLFLOW_* variables as at
+  launch, seeds, threads, determinism), hands train() the sweep link in $BPEXP_SWEEP (tracking.py), and
+  records a job that raised before its run existed (a corrupt data file, a config out of range) as a
+  FAILED child with its traceback.
+
+Resume: `sweep.resume=true` on the same command reopens the sweep's parent run (same overrides and
+sweeper params: tag `bpexp.sweep_key`), and each job whose config already has a FINISHED run in the
+experiment (tag `bpexp.config_hash`) is skipped by train.main.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import logging
+import os
+import random
+import secrets
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from bpexp.config import ConfigError, TrackingBackend, TrackingConfig, config_hash, flatten
+from bpexp.tracking import SWEEP_ENV, Tracker, check_reachable, resolve_uri
+
+log = logging.getLogger("bpexp.sweep")
+OUTCOMES = ("completed", "diverged", "failed", "killed")
+SWEEP_KEYS = ("sweep.", "+sweep.", "++sweep.")  # overrides that change how a sweep runs, not what it is
+
+
+@dataclass
+class SweepState:
+    """What a job's process needs to know about its sweep: plain data, pickled with the callback."""
+
+    sweep_id: str
+    parent_run_id: str
+    uri: str
+    experiment: str
+    mlflow_env: dict[str, str] = field(default_factory=dict)  # MLFLOW_* in the launching process
+
+
+class SweepCallback(Callback):
+    def __init__(self) -> None:
+        self.state: SweepState | None = None
+        self.tracker: Tracker | None = None  # launching process: the parent run
+        self.interrupted = False
+        self.ended = False
+        self.launched_ms = 0  # this launch's start: a resumed sweep also has children from earlier ones
+        self.previous_hooks: tuple[Any, Any] | None = None
+        self.job_started_ms = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"state": self.state}  # never the client, hooks or handlers of the launching process
+
+    def __setstate__(self, saved: dict[str, Any]) -> None:
+        self.__init__()
+        self.state = saved["state"]
+
+    # ---------------------------------------------------------------------------------------------
+    # The launching process
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        node = config.tracking  # only these keys: run_name may interpolate values of a job
+        if node.backend != TrackingBackend.mlflow:  # tracking=none: no store, no parent
+            return
+        tracking = TrackingConfig(uri=node.uri, experiment=node.experiment)
+        uri = resolve_uri(tracking, Path(config.hydra.runtime.cwd))
+        try:
+            check_reachable(uri)
+        except ConfigError as err:
+            print(f"bpexp: {err}", file=sys.stderr)
+            sys.exit(2)  # a callback's exception would only be a warning, and every job would fail
+        self.tracker = Tracker(uri, tracking.experiment)
+        experiment_id = self.tracker.experiment_id()  # creates the schema and the experiment, once
+        self.launched_ms = int(time.time() * 1000)
+        overrides = [o for o in config.hydra.overrides.task if not o.startswith(SWEEP_KEYS)]
+        key = sweep_key(config, overrides)
+        parent = None
+        if OmegaConf.select(config, "sweep.resume", default=False):
+            parent = self.find_parent(experiment_id, key)
+        if parent is not None:
+            sweep_id = parent.data.tags["bpexp.sweep"]
+            self.tracker.run_id = parent.info.run_id
+            self.tracker.client.update_run(parent.info.run_id, status="RUNNING")
+            log.info("sweep %s resumed (parent run %s)", sweep_id, parent.info.run_id)
+        else:
+            sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+            self.start_parent(config, sweep_id, key, overrides)
+        self.state = SweepState(
+            sweep_id=sweep_id,
+            parent_run_id=self.tracker.run_id,
+            uri=uri,
+            experiment=tracking.experiment,
+            mlflow_env={k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
+        )
+        self.install_hooks()
+        log.info("sweep %s: parent run %s in %s", sweep_id, self.tracker.run_id, uri)
+
+    def find_parent(self, experiment_id: str, key: str) -> Any | None:
+        runs = self.tracker.client.search_runs(
+            [experiment_id],
+            f"tags.`bpexp.sweep_key` = '{key}'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        return runs[0] if runs else None
+
+    def start_parent(self, config: DictConfig, sweep_id: str, key: str, overrides: list[str]) -> None:
+        sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
+        launcher = OmegaConf.select(config, "hydra.launcher._target_", default="")
+        command = " ".join(["python -m bpexp.train -m", *overrides])
+        tags = {
+            "bpexp.sweep": sweep_id,
+            "bpexp.sweep_key": key,
+            "bpexp.role": "sweep",
+            "mlflow.note.content": f"`{command}`",
+        }
+        params = {
+            "sweep.overrides": " ".join(overrides)[:6000],
+            "sweep.sweeper": sweeper.get("_target_", ""),
+            "sweep.launcher": launcher,
+            "sweep.dir": str(config.hydra.sweep.dir),
+        }
+        study = OmegaConf.select(config, "hydra.runtime.choices.experiment") or "sweep"
+        self.tracker.start(f"{study}-{sweep_id}", params, tags)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "sweep.yaml"
+            spec = {"command": command, "overrides": overrides, "sweeper": sweeper, "launcher": launcher}
+            path.write_text(OmegaConf.to_yaml(OmegaConf.create(spec)))
+            self.tracker.log_artifact(path)
+
+    def install_hooks(self) -> None:
+        """SIGTERM unwinds like Ctrl-C; an uncaught KeyboardInterrupt marks the sweep interrupted."""
+        previous_hook = sys.excepthook
+
+        def excepthook(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+            self.interrupted = self.interrupted or issubclass(kind, KeyboardInterrupt)
+            previous_hook(kind, value, tb)
+
+        def interrupt(signum: int, frame: object) -> None:
+            self.interrupted = True
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        previous_handler = None
+        if threading.current_thread() is threading.main_thread():
+            previous_handler = signal.signal(signal.SIGTERM, interrupt)
+        self.previous_hooks = (previous_hook, previous_handler)
+        sys.excepthook = excepthook
+        atexit.register(self.end_at_exit)
+
+    def remove_hooks(self) -> None:
+        if self.previous_hooks is None:
+            return
+        previous_hook, previous_handler = self.previous_hooks
+        sys.excepthook = previous_hook
+        if previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous_handler)
+        atexit.unregister(self.end_at_exit)
+        self.previous_hooks = None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.state is None:
+            return
+        self.remove_hooks()
+        if self.announce(self.end()):
+            sys.exit(1)  # also under a sweeper that carries on after failures (optuna's max_failure_rate)
+
+    def end_at_exit(self) -> None:
+        """After a failed job (Hydra raised and exits 1), Ctrl-C or SIGTERM: on_multirun_end never ran."""
+        self.remove_hooks()
+        self.announce(self.end())
+
+    def announce(self, counts: Counter[str]) -> int:
+        """Say on stderr how many jobs failed (or were killed); return that number."""
+        failed = counts.get("failed", 0) + counts.get("killed", 0)
+        if self.interrupted:
+            print(f"bpexp: sweep {self.state.sweep_id} interrupted: {describe(counts)}", file=sys.stderr)
+        elif failed:
+            jobs = sum(counts.values())
+            print(f"bpexp: sweep {self.state.sweep_id}: {failed} of {jobs} jobs failed", file=sys.stderr)
+        return failed
+
+    def end(self) -> Counter[str]:
+        """Children left RUNNING end KILLED (or FAILED), then the summary, then the parent's status."""
+        if self.ended:
+            return Counter()
+        self.ended = True
+        client, state = self.tracker.client, self.state
+        children = self.children()
+        lost = "killed" if self.interrupted else "failed"  # a process that died with its run open
+        for run in children:
+            if run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, "bpexp.outcome", lost)
+                client.set_terminated(run.info.run_id, lost.upper())
+        children = self.children()
+        latest: dict[str, Any] = {}  # a resumed sweep's job has a run per launch: the last one counts
+        for run in sorted(children, key=lambda r: r.info.start_time or 0):
+            latest[run.data.tags.get("bpexp.job", run.info.run_id)] = run
+        counts = Counter(run.data.tags.get("bpexp.outcome", "failed") for run in latest.values())
+        metrics = {f"sweep/{outcome}": float(counts.get(outcome, 0)) for outcome in OUTCOMES}
+        metrics["sweep/jobs"] = float(len(latest))
+        metrics["sweep/launched"] = float(sum(r.info.start_time >= self.launched_ms for r in children))
+        self.tracker.log_metrics(metrics, step=0)
+        self.tracker.set_tags({"bpexp.summary": describe(counts)})
+        with tempfile.TemporaryDirectory() as folder:
+            table = runs_table(children)
+            table.to_csv(Path(folder) / "runs.csv", index=False)
+            table.to_parquet(Path(folder) / "runs.parquet", index=False)
+            self.tracker.log_artifact(Path(folder) / "runs.csv")
+            self.tracker.log_artifact(Path(folder) / "runs.parquet")
+        if self.interrupted:
+            status = "KILLED"
+        else:
+            status = "FAILED" if counts.get("failed") or counts.get("killed") else "FINISHED"
+        self.tracker.end(status)
+        log.info("sweep %s %s: %s", state.sweep_id, status, describe(counts))
+        return counts
+
+    def children(self) -> list[Any]:
+        client, state = self.tracker.client, self.state
+        experiment_id = self.tracker.experiment_id()
+        query = f"tags.`mlflow.parentRunId` = '{state.parent_run_id}'"
+        runs, token = [], None
+        while True:
+            page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    # ---------------------------------------------------------------------------------------------
+    # Each job's process
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.state is None:  # not a tracked sweep (a single run, or tracking=none)
+            return
+        reset_process(self.state.mlflow_env, int(config.seed), int(config.train.threads))
+        link = {
+            "uri": self.state.uri,
+            "experiment": self.state.experiment,
+            "parent_run_id": self.state.parent_run_id,
+            "tags": {
+                "bpexp.sweep": self.state.sweep_id,
+                "bpexp.job": str(config.hydra.job.num),
+                "bpexp.job_dir": str(config.hydra.runtime.output_dir),
+            },
+        }
+        os.environ[SWEEP_ENV] = json.dumps(link)
+        self.job_started_ms = int(time.time() * 1000)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if self.state is None:
+            return
+        try:
+            if job_return.status == JobStatus.FAILED:
+                self.record_failure(config, job_return)
+        finally:
+            os.environ.pop(SWEEP_ENV, None)
+            reset_process(self.state.mlflow_env)
+
+    def record_failure(self, config: DictConfig, job_return: JobReturn) -> None:
+        """A job that raised before train() created its run still leaves a FAILED child, with traceback."""
+        tracker = Tracker(self.state.uri, self.state.experiment, self.state.parent_run_id)
+        job_dir = str(config.hydra.runtime.output_dir)
+        own = tracker.client.search_runs(
+            [tracker.experiment_id()],
+            f"tags.`bpexp.job_dir` = '{job_dir}' and attributes.start_time >= {self.job_started_ms}",
+            max_results=1,
+        )
+        if own:  # train() recorded it (FAILED, with traceback.txt)
+            return
+        try:
+            job_return.return_value  # noqa: B018 (raises the job's exception)
+        except Exception as raised:
+            error = raised
+        tags = {
+            "bpexp.sweep": self.state.sweep_id,
+            "bpexp.job": str(config.hydra.job.num),
+            "bpexp.job_dir": job_dir,
+            "bpexp.outcome": "failed",
+            "bpexp.error": f"{type(error).__name__}: {error}"[:5000],
+        }
+        try:
+            params = {k: v for k, v in flatten(job_return.cfg).items() if not k.startswith("sweep.")}
+            tags["bpexp.config_hash"] = config_hash(job_return.cfg)
+        except Exception:  # a config that does not even resolve (a missing value): its overrides say it
+            params = {"overrides": " ".join(job_return.overrides)}
+        tracker.start(f"sweep-{self.state.sweep_id}-job{config.hydra.job.num}", params, tags)
+        path = Path(job_dir) / "traceback.txt"
+        path.write_text("".join(traceback.format_exception(error)))
+        tracker.log_artifact(path)
+        tracker.end("FAILED")
+
+
+def sweep_key(config: DictConfig, overrides: list[str]) -> str:
+    """What makes two launches the same sweep: the command's overrides and the sweeper's params."""
+    sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
+    text = json.dumps({"overrides": sorted(overrides), "sweeper": sweeper}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def reset_process(mlflow_env: dict[str, str], seed: int | None = None, threads: int | None = None) -> None:
+    """Make a reused worker start a job as a fresh process would (the joblib launcher reuses them)."""
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:  # a fluent run left open by the previous job's code
+        while mlflow.active_run() is not None:
+            mlflow.end_run("KILLED")
+    for key in [k for k in os.environ if k.startswith("MLFLOW_") and k not in mlflow_env]:
+        del os.environ[key]
+    os.environ.update(mlflow_env)
+    if seed is None:
+        return
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(threads or 1)
+    torch.use_deterministic_algorithms(False)
+
+
+def describe(counts: Counter[str]) -> str:
+    """'6 jobs: 4 completed, 1 diverged, 1 failed'."""
+    parts = [f"{counts[o]} {o}" for o in OUTCOMES if counts.get(o)]
+    return f"{sum(counts.values())} jobs: {', '.join(parts) or 'none'}"
+
+
+def runs_table(runs: list[Any]) -> Any:
+    """One row per child: run info, the bpexp tags, every param (dotted key), every final metric."""
+    import pandas as pd
+
+    rows = []
+    for run in runs:
+        tags = run.data.tags
+        row: dict[str, Any] = {
+            "run_id": run.info.run_id,
+            "run_name": run.info.run_name,
+            "status": run.info.status,
+            "start_time": run.info.start_time,
+            "end_time": run.info.end_time,
+        }
+        for key in ("outcome", "diagnosis", "config_hash", "job", "job_dir"):
+            row[key] = tags.get(f"bpexp.{key}")
+        row.update(run.data.params)
+        row.update(run.data.metrics)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    params = sorted({k for run in runs for k in run.data.params})
+    if params:
+        table[params] = table[params].astype("string")  # params are strings in MLflow; keep them so
+    return table
