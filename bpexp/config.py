@@ -114,7 +114,7 @@ class DataConfig:
     n_train: int = 1024
     """Training examples (for idx and digits: at most this many)."""
     n_val: int = 256
-    """Validation examples, split off with the seed."""
+    """Validation examples, split off with the seed (0 = none: val/* metrics are not logged)."""
     in_dim: int | None = 16
     """Input features of synthetic data (spirals: 2; digits and idx: set by the files)."""
     out_dim: int | None = 4
@@ -128,7 +128,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         require(self.n_train >= 1, "data.n_train", self.n_train, "an integer ≥ 1")
-        require(self.n_val >= 1, "data.n_val", self.n_val, "an integer ≥ 1")
+        require(self.n_val >= 0, "data.n_val", self.n_val, "an integer ≥ 0 (0: no validation split)")
         require(self.noise >= 0, "data.noise", self.noise, "a number ≥ 0")
         for key in ("in_dim", "out_dim"):
             value = getattr(self, key)

@@ -38,6 +38,7 @@ class Progress:
         self.fields: dict[str, str] = {}
         self.done = 0
         self.width = 0
+        self.drawn: tuple[int, dict[str, str]] | None = None
 
     def update(self, done: int, **fields: str) -> None:
         """`done` units finished; `fields` (e.g. loss='0.42') are shown after the bar until replaced."""
@@ -55,7 +56,7 @@ class Progress:
         rate = self.done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - self.done) / rate if rate > 0 else 0.0
         share = min(self.done / self.total, 1.0)
-        fields = "  ".join(f"{k} {v}" for k, v in self.fields.items())
+        fields = "  ".join(f"{k} {v}".strip() for k, v in self.fields.items())
         counts = f"{self.done}/{self.total} {self.unit}s, {rate:.0f}/s, {duration(elapsed)} < {duration(eta)}"
         if not self.live:
             return f"{self.label}: {share:4.0%} {counts}  {fields}".rstrip()
@@ -64,6 +65,7 @@ class Progress:
 
     def draw(self, now: float) -> None:
         self.last_draw = now
+        self.drawn = (self.done, dict(self.fields))
         text = self.line(now)
         if self.live:
             pad = max(self.width - len(text), 0)
@@ -74,8 +76,9 @@ class Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        """Draw the final state; on a terminal, end the line so the next output starts clean."""
-        self.draw(time.monotonic())
+        """Draw the final state (once); on a terminal, end the line so the next output starts clean."""
+        if self.drawn != (self.done, self.fields):
+            self.draw(time.monotonic())
         if self.live:
             self.stream.write("\n")
             self.stream.flush()

@@ -62,6 +62,7 @@ class SweepState:
     uri: str
     experiment: str
     mlflow_env: dict[str, str] = field(default_factory=dict)  # MLFLOW_* in the launching process
+    jobs: int | None = None  # how many jobs the sweep launches, when known
 
 
 class SweepCallback(Callback):
@@ -117,6 +118,7 @@ class SweepCallback(Callback):
             uri=uri,
             experiment=tracking.experiment,
             mlflow_env={k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
+            jobs=count_jobs(config, overrides),
         )
         self.install_hooks()
         log.info("sweep %s: parent run %s in %s", sweep_id, self.tracker.run_id, uri)
@@ -264,6 +266,7 @@ class SweepCallback(Callback):
             "uri": self.state.uri,
             "experiment": self.state.experiment,
             "parent_run_id": self.state.parent_run_id,
+            "jobs": self.state.jobs,
             "tags": {
                 "bpexp.sweep": self.state.sweep_id,
                 "bpexp.job": str(config.hydra.job.num),
@@ -315,6 +318,25 @@ class SweepCallback(Callback):
         path.write_text("".join(traceback.format_exception(error)))
         tracker.log_artifact(path)
         tracker.end("FAILED")
+
+
+def count_jobs(config: DictConfig, overrides: list[str]) -> int | None:
+    """How many jobs the sweep launches: the product of its sweep axes (an Optuna sweep: n_trials)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    sweeper = config.hydra.sweeper
+    if "n_trials" in sweeper:
+        return int(sweeper.n_trials)
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    try:
+        parsed = OverridesParser.create().parse_overrides([*overrides, *params])
+    except Exception:  # an override the parser rejects fails the sweep on its own; no count then
+        return None
+    axes = {o.get_key_element(): o for o in parsed if o.is_sweep_override()}  # the command line wins
+    jobs = 1
+    for override in axes.values():
+        jobs *= len(list(override.sweep_string_iterator()))
+    return jobs
 
 
 def sweep_key(config: DictConfig, overrides: list[str]) -> str:

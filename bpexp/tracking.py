@@ -11,6 +11,7 @@ experiment, parent run, tags): the job's run is then created there, as a child o
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -24,6 +25,10 @@ from bpexp.config import ConfigError, TrackingBackend, TrackingConfig
 METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 FLUSH_SECONDS = 10.0  # flush at least this often, so the UI follows a long run
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # opens in the training view
+# MLflow announces its schema migrations at INFO on every new store: noise a user cannot act on.
+for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
 SWEEP_ENV = "BPEXP_SWEEP"  # set by bpexp/sweep.py around each job of a sweep, removed after it
 
 
@@ -80,6 +85,9 @@ class NullTracker:
     def flush(self) -> None:
         pass
 
+    def run_url(self) -> str | None:
+        return None
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         pass
 
@@ -109,6 +117,15 @@ class Tracker(NullTracker):
         self.last_flush = time.monotonic()
         self.skipped = 0  # non-finite values kept out of MLflow (they break its run pages)
 
+    def run_url(self) -> str | None:
+        """This run's page; `workflowType` because MLflow 3.17's UI otherwise opens its GenAI pages."""
+        if self.run_id is None:
+            return None
+        base = (
+            self.uri.rstrip("/") if self.uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        )
+        return f"{base}/#/experiments/{self.experiment_id()}/runs/{self.run_id}?workflowType=machine_learning"
+
     def experiment_id(self) -> str:
         """Get or create the experiment (a concurrent creator may win the race: then read its id)."""
         from mlflow.exceptions import MlflowException
@@ -129,9 +146,9 @@ class Tracker(NullTracker):
             return found.experiment_id
 
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import Param
 
-        tags = {**self.tags, **tags}
+        tags = {**tags, **self.tags}  # the run's own first: the UI lists tags in creation order
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
         run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
@@ -139,7 +156,6 @@ class Tracker(NullTracker):
         items = [Param(key, param_value(value)) for key, value in params.items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
             self.client.log_batch(self.run_id, params=items[i : i + 100])
-        self.client.log_batch(self.run_id, tags=[RunTag("bpexp.uri", self.uri)])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric

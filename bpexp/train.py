@@ -6,6 +6,7 @@ the final validation loss (always finite, for sweepers: a diverged run scores DI
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import signal
@@ -32,8 +33,9 @@ from bpexp.figures import gradient_profile_figure
 from bpexp.model import MLP, build_mlp, first_nonfinite_layer
 from bpexp.optim import build_optimizer, clip_gradients
 from bpexp.probes import Dynamics, Probes, diagnose
+from bpexp.progress import Progress
 from bpexp.theory import predict
-from bpexp.tracking import NullTracker, make_tracker
+from bpexp.tracking import NullTracker, make_tracker, sweep_link
 
 log = logging.getLogger("bpexp.train")  # not __main__ under python -m
 THEORY_TOLERANCE = 0.5  # decades: measured δ ratio at step 0 this close to the prediction "agrees"
@@ -53,14 +55,19 @@ class RunResult:
     diverged_layer: int | None = None
     seconds: float = 0.0  # wall time of the whole run, from the store's run creation to its end
     loop_seconds: float = 0.0  # the training loop alone: steps, probes, evaluation and metric logging
+    out_dir: Path | None = None  # where the artifacts were written
+    ui_url: str | None = None  # this run's page in the MLflow UI
+    tracking_uri: str | None = None
 
     @property
     def objective(self) -> float:
-        loss = self.metrics.get("val/loss", math.nan)
+        loss = self.metrics.get("val/loss", self.metrics.get("train/loss", math.nan))
         return loss if self.outcome == "completed" and math.isfinite(loss) else DIVERGED_OBJECTIVE
 
 
-def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = None) -> RunResult:
+def train(
+    cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = None, progress: bool = False
+) -> RunResult:
     launch_dir = launch_dir or Path.cwd()
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix="bpexp-"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -94,9 +101,14 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
     params = {**config, **(prediction.params() if prediction else {})}
     with sigterm_as_interrupt():  # from the run's creation on, SIGTERM ends it KILLED, never RUNNING
         try:
-            tags = {"bpexp.outcome": "running", "bpexp.config_hash": config_hash(cfg)}
+            tags = {
+                "bpexp.outcome": "running",
+                "bpexp.diagnosis": "pending",
+                "bpexp.config_hash": config_hash(cfg),
+            }
             tracker.start(run_name(cfg), params, tags)
-            result.run_id = tracker.run_id
+            result.run_id, result.out_dir, result.ui_url = tracker.run_id, out_dir, tracker.run_url()
+            result.tracking_uri = tracker.uri
             log.info(
                 "run %s started (%s): L=%d, %d steps",
                 run_name(cfg),
@@ -104,6 +116,8 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
                 model.n_layers,
                 cfg.train.steps,
             )
+            bar = Progress(cfg.train.steps, run_name(cfg), stream=sys.stderr if progress else io.StringIO())
+            losses: dict[int, float] = {}  # since the last probe: logged only if the run diverges
             loop_start = time.perf_counter()
             for step in range(cfg.train.steps + 1):  # the last pass only probes the trained net
                 last = step == cfg.train.steps
@@ -115,9 +129,13 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
                 x, y = next(batches)
                 step_pass = backprop_pass(model, x, y, data, engine, probing)
                 # One host sync per step: divergence is recorded at the step where it starts.
-                if not math.isfinite(step_pass.loss.item()):
+                loss = step_pass.loss.item()
+                if not math.isfinite(loss):
+                    for at, value in losses.items():  # the climb to divergence, visible in the charts
+                        record({"train/loss": value}, at)
                     diverged(result, step, model, x)
                     break
+                losses[step] = loss
                 if probing:
                     scalars = {"train/loss": step_pass.loss, **accuracy(data, step_pass.out, y, "train")}
                     probes.read(step_pass.delta, step_pass.activations, scalars)
@@ -128,8 +146,11 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
                     optimizer.step()
                     schedule.step()
                     result.steps = step + 1
+                bar.update(result.steps)
                 if probing:
+                    losses.clear()
                     metrics = probes.collect(stepped=not last)
+                    bar.fields.update(progress_fields(metrics))
                     if step == 0:
                         result.initial = metrics
                         metrics = {**metrics, **theory}
@@ -140,6 +161,7 @@ def train(cfg: Config, launch_dir: Path | None = None, out_dir: Path | None = No
                 optimizer.zero_grad(set_to_none=True)
             tracker.flush()
             result.loop_seconds = time.perf_counter() - loop_start
+            bar.close()
             result.diagnosis = "diverged" if result.outcome == "diverged" else diagnose(result.metrics)
         except KeyboardInterrupt:
             result.outcome = "killed"
@@ -190,6 +212,15 @@ def backprop_pass(
     return Pass(loss, out, delta, activations)
 
 
+def progress_fields(metrics: dict[str, float]) -> dict[str, str]:
+    """What the progress bar shows after a probe: the batch loss, the δ ratio, the diagnosis so far."""
+    return {
+        "loss": f"{metrics['train/loss']:.4g}",
+        "δ": f"10^{metrics['delta/log10_ratio']:+.1f}",
+        "": diagnose(metrics),
+    }
+
+
 def diverged(result: RunResult, step: int, model: MLP, x: torch.Tensor) -> None:
     result.outcome, result.diverged_step = "diverged", step
     result.diverged_layer = first_nonfinite_layer(model, x)
@@ -206,6 +237,7 @@ def finish(cfg: Config, result: RunResult, dynamics: Dynamics, tracker: NullTrac
             tags["bpexp.diverged_step"] = str(result.diverged_step)
             tags["bpexp.diverged_layer"] = str(result.diverged_layer)
             tracker.log_metrics({"diverged/step": result.diverged_step}, result.diverged_step)
+        tags["mlflow.note.content"] = summary(result, cfg)  # the run's Description in the MLflow UI
         tracker.set_tags(tags)
         if result.outcome in ("completed", "diverged"):
             for path, folder in write_artifacts(cfg, result, dynamics, out_dir):
@@ -277,6 +309,8 @@ def accuracy(data: Dataset, out: torch.Tensor, y: torch.Tensor, split: str) -> d
 @torch.no_grad()
 def evaluate(model: MLP, data: Dataset) -> dict[str, float]:
     """Validation loss (and accuracy), with dropout off and batch-norm running statistics."""
+    if len(data.x_val) == 0:
+        return {}
     model.eval()
     out = model(data.x_val)
     model.train()
@@ -312,21 +346,62 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 
 def summary(result: RunResult, cfg: Config) -> str:
-    m = result.metrics
+    """The few lines a user reads at the end of a run; the numbers are the run's own metrics."""
+    m, init = result.metrics, result.initial
     lines = [
-        f"run {run_name(cfg)} ({result.run_id or 'not tracked'}): {result.outcome}, {result.diagnosis}",
-        f"  steps {result.steps}, {result.seconds:.1f} s, val/loss {m.get('val/loss', math.nan):.4g}",
+        f"bpexp run {run_name(cfg)} ({result.run_id or 'not tracked'}): {result.outcome}, {result.diagnosis}"
     ]
-    if result.initial:
-        line = f"  at init: δ ratio 10^{result.initial['delta/log10_ratio']:+.2f} from layer L to 1"
+    if why := diagnosis_reason(result):
+        lines.append(f"  {why}")
+    if "delta/log10_ratio" in init:
+        L = sum(k.startswith("delta_norm/l") for k in init)
+        line = f"  δ from layer {L} to layer 1: 10^{init['delta/log10_ratio']:+.2f} at init"
         if "theory/delta_log10_ratio" in m:
             line += f" (theory 10^{m['theory/delta_log10_ratio']:+.2f}: {theory_check(result)})"
+        if result.steps and "delta/log10_ratio" in m:
+            line += f", 10^{m['delta/log10_ratio']:+.2f} after training"
         lines.append(line)
-    if result.diverged_step is not None:
-        lines.append(
-            f"  diverged at step {result.diverged_step}, first non-finite layer {result.diverged_layer}"
-        )
+    losses = [f"{k} {m[k]:.4g}" for k in ("val/loss", "val/acc") if k in m]
+    if "train/loss" in init and result.steps:
+        losses.insert(0, f"train/loss {init['train/loss']:.4g} at step 0, {m['train/loss']:.4g} at the end")
+    elif "train/loss" in m:
+        losses.insert(0, f"train/loss {m['train/loss']:.4g}")
+    steps = f"{result.steps} step{'s' if result.steps != 1 else ''}"
+    lines.append(f"  {', '.join(losses)}; {steps} in {result.seconds or result.loop_seconds:.1f} s")
+    if result.out_dir is not None:
+        lines.append(f"  artifacts: {result.out_dir} (config.yaml, dynamics.parquet, plots/)")
+    if result.ui_url and result.tracking_uri and not result.tracking_uri.startswith("http"):
+        lines.append(f"  open: mlflow ui --backend-store-uri {result.tracking_uri}, then {result.ui_url}")
+    elif result.ui_url:
+        lines.append(f"  open: {result.ui_url}")
     return "\n".join(lines)
+
+
+def diagnosis_reason(result: RunResult) -> str:
+    """The numbers behind a diagnosis that the δ line does not show."""
+    m = result.metrics
+    match result.diagnosis:
+        case "diverged":
+            step, layer = result.diverged_step, result.diverged_layer
+            return f"loss non-finite at step {step}, first non-finite layer {layer}"
+        case "dead_units":
+            share, key = max((v, k) for k, v in m.items() if k.startswith("dead/l"))
+            return f"{share:.0%} of the units of layer {int(key[6:])} are dead on the whole batch"
+        case "saturated":
+            shares = [v for k, v in m.items() if k.startswith("saturation/l")]
+            return f"{sum(shares) / len(shares):.0%} of hidden units saturated (f' < 5% of its maximum)"
+    return ""
+
+
+def job_line(result: RunResult, num: int, overrides: list[str]) -> str:
+    """One line per finished job of a sweep: index/total, overrides, outcome, final loss, seconds."""
+    link = sweep_link() or {}
+    total = f"/{link['jobs']}" if link.get("jobs") else ""
+    loss = result.metrics.get("val/loss", result.metrics.get("train/loss", math.nan))
+    return (
+        f"[{num + 1}{total}] {' '.join(overrides)}: {result.outcome}, {result.diagnosis}, "
+        f"loss {loss:.4g}, {result.seconds:.1f} s"
+    )
 
 
 def resumed(cfg: Config, launch_dir: Path) -> float | None:
@@ -341,7 +416,10 @@ def resumed(cfg: Config, launch_dir: Path) -> float | None:
     return done.objective
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+CONF = str(Path(__file__).resolve().parents[1] / "conf")  # absolute: the same for every entry point
+
+
+@hydra.main(version_base="1.3", config_path=CONF, config_name="train")
 def main(cfg: DictConfig) -> float:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -352,13 +430,20 @@ def main(cfg: DictConfig) -> float:
         config = to_config(cfg)
         if config.sweep.resume and (objective := resumed(config, launch_dir)) is not None:
             return objective
-        result = train(config, launch_dir=launch_dir, out_dir=out_dir)
+        if hydra_cfg.mode == RunMode.MULTIRUN and config.tracking.run_name is None:
+            # In a sweep the runs differ by their overrides: lead with them (the UI cuts names short).
+            config.tracking.run_name = f"{' '.join(hydra_cfg.overrides.task)} · {run_name(config)}"[:250]
+        result = train(config, launch_dir, out_dir, progress=hydra_cfg.mode == RunMode.RUN)
     except ConfigError as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # one bad point of a sweep fails alone; bpexp/sweep.py records it as a FAILED child
         print(f"bpexp: {err}", file=sys.stderr)
         sys.exit(2)
-    log.info(summary(result, config))
+    if hydra_cfg.mode == RunMode.RUN:
+        print(summary(result, config))
+    else:
+        log.debug(summary(result, config))  # hydra.verbose=bpexp
+        print(job_line(result, hydra_cfg.job.num, list(hydra_cfg.overrides.task)), flush=True)
     return result.objective
 
 
