@@ -15,6 +15,7 @@ Column names: params keep their dotted config keys (``model.depth``), metrics th
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -31,6 +32,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from bpexp.progress import Progress
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -450,8 +453,9 @@ def load_dynamics(
     *,
     source: str = "auto",
     workers: int = 8,
+    progress: bool = False,
 ) -> pd.DataFrame:
-    """The long table run_id, step, layer, quantity, value of many runs.
+    """The long table run_id, step, layer, quantity, value of many runs (`progress`: a bar on stderr).
 
     `runs`: a load_runs frame (its artifact_uri and attrs['tracking_uri'] are used) or run ids.
     `source`: 'auto' reads each run's dynamics.parquet and falls back to the MLflow metric history
@@ -486,7 +490,12 @@ def load_dynamics(
                 lambda item: read_parquet_artifact(client, item[0], item[1], wanted, Path(tmp)),
                 zip(run_ids, uris, strict=True),
             )
-            tables = {r: t for r, t in zip(run_ids, read, strict=True) if t is not None}
+            bar = Progress(len(run_ids), "dynamics", stream=None if progress else io.StringIO(), unit="run")
+            for done, (r, t) in enumerate(zip(run_ids, read, strict=True), start=1):
+                if t is not None:
+                    tables[r] = t
+                bar.update(done)
+            bar.close()
         missing = [r for r in run_ids if r not in tables]
         if source == "parquet" and missing:
             raise FileNotFoundError(f"no {DYNAMICS_FILE} artifact for runs: {', '.join(missing[:5])}")

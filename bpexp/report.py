@@ -11,6 +11,7 @@ figures. ``build_report`` does the work and returns a Report; ``main`` is the co
 from __future__ import annotations
 
 import argparse
+import io
 import math
 import re
 import sys
@@ -34,6 +35,7 @@ from bpexp.figures import (
     lines_with_bands,
     measured_vs_predicted,
 )
+from bpexp.progress import Progress
 
 DPI = 120
 QUANTITIES = ["grad_norm", "delta_norm", "update_ratio", "val/loss", "diverged/step"]
@@ -69,6 +71,7 @@ def build_report(
     show: Sequence[str] | None = None,
     max_shown: int = 4,
     log: bool = True,
+    progress: bool = False,
 ) -> Report:
     """Write reports/<sweep>/ (report.md, the figures, configs.csv, runs.csv) and log it to the parent.
 
@@ -79,7 +82,7 @@ def build_report(
     runs = found.runs()
     if runs.empty:
         raise LookupError(f"sweep {found.sweep_id!r} has no runs (parent run {found.parent_run_id})")
-    dynamics = analysis.load_dynamics(runs, quantities=QUANTITIES)
+    dynamics = analysis.load_dynamics(runs, quantities=QUANTITIES, progress=progress)
     summary = analysis.summarize(runs, dynamics)
     by = analysis.config_columns(summary)
     summary["config"] = analysis.config_label(summary, by).to_numpy()
@@ -89,20 +92,24 @@ def build_report(
     directory = Path(out_dir) / safe_name(found.sweep_id)
     directory.mkdir(parents=True, exist_ok=True)
     report = Report(found, directory, directory / "report.md", runs, summary, configs, shown)
-    drawings = {
-        "init_profile": init_profile_figure(summary, dynamics),
-        "grad_heatmap": heatmap_figure(summary, dynamics, shown),
-        "loss_vs_depth": loss_depth_figure(summary, by),
-        "update_ratio": update_ratio_figure(summary, dynamics, shown),
-        "theory": theory_figure(summary),
+    drawings = {  # drawn one at a time, behind the progress bar
+        "init_profile": lambda: init_profile_figure(summary, dynamics),
+        "grad_heatmap": lambda: heatmap_figure(summary, dynamics, shown),
+        "loss_vs_depth": lambda: loss_depth_figure(summary, by),
+        "update_ratio": lambda: update_ratio_figure(summary, dynamics, shown),
+        "theory": lambda: theory_figure(summary),
     }
-    for name, fig in drawings.items():
+    bar = Progress(len(drawings), "figures", stream=None if progress else io.StringIO(), unit="figure")
+    for done, (name, draw) in enumerate(drawings.items(), start=1):
+        fig = draw()
+        bar.update(done)
         path = directory / f"{name}.png"
         path.unlink(missing_ok=True)  # no stale figure from an earlier report of this sweep
         if fig is not None:
             fig.savefig(path, dpi=DPI)
             plt.close(fig)
             report.figures[name] = path
+    bar.close()
     report.tables["configs"] = directory / "configs.csv"
     configs.to_csv(report.tables["configs"], index=False)
     report.tables["runs"] = directory / "runs.csv"
@@ -476,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
             args.show,
             args.max_shown,
             not args.no_log,
+            progress=True,
         )
     except LookupError as err:
         print(f"bpexp.report: {err.args[0] if err.args else err}", file=sys.stderr)
