@@ -59,6 +59,17 @@ def wait_healthy(uri: str, process: subprocess.Popen, timeout: float = 120.0) ->
     raise TimeoutError(f"mlflow server at {uri} did not answer /health within {timeout:.0f} s")
 
 
+def stop_server(process: subprocess.Popen, timeout: float = 20) -> None:
+    """SIGTERM the server's process group (its uvicorn/gunicorn workers too); SIGKILL if it hangs."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:  # (also where a signal handler waits inside main's own wait)
+        os.killpg(process.pid, signal.SIGKILL)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -82,12 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     process = subprocess.Popen(command, env=env, stdout=sys.stderr, start_new_session=True)  # stdout: ours
 
     def stop(signum: int = signal.SIGTERM, frame: object = None) -> None:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
+        stop_server(process)
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
@@ -100,9 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         stop()
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=20)
+        stop_server(process)
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from typing import NoReturn
 import pytest
 from conftest import cli, cli_env
 from mlflow.tracking import MlflowClient
+
+from bpexp.server import stop_server
 
 try:
     from playwright.sync_api import expect, sync_playwright
@@ -136,13 +137,7 @@ def server(sweep) -> Iterator[str]:
         wait_healthy(base, process, sweep.folder / "server.log")
         yield base
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=30)
+        stop_server(process, timeout=30)
         log.close()
 
 
