@@ -252,8 +252,9 @@ def write_artifacts(
     (out_dir / "plots").mkdir(exist_ok=True)
     config_path = out_dir / "config.yaml"
     config_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    artifacts = [(config_path, None), (dynamics.write(out_dir / "dynamics.parquet"), None)]
-    frame = dynamics.frame()
+    frame = dynamics.frame()  # built once: for the Parquet file and for the figure
+    frame.to_parquet(out_dir / "dynamics.parquet", index=False)
+    artifacts = [(config_path, None), (out_dir / "dynamics.parquet", None)]
     if (frame["quantity"] == "delta_norm").any():
         fig = gradient_profile_figure(frame, title=f"{run_name(cfg)}: {result.outcome}, {result.diagnosis}")
         fig.savefig(out_dir / "plots" / "gradient_profile.png", dpi=110)
