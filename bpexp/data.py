@@ -69,9 +69,14 @@ def make_data(cfg: DataConfig, seed: int) -> Dataset:
 
 
 def standardized(data: Dataset) -> Dataset:
-    """Z-score each feature with the training split's mean and std (constant features stay at 0)."""
+    """Z-score each feature with the training split's mean and std.
+
+    A feature with no spread in training (a border pixel that is always 0) is centred but not scaled:
+    dividing by a clamped std would blow the same feature in the validation split up to ~1e8.
+    """
     mean = data.x_train.mean(0)
-    std = data.x_train.std(0).clamp_min(1e-8)
+    std = data.x_train.std(0)
+    std = torch.where(std > 1e-12 * mean.abs().clamp_min(1), std, torch.ones_like(std))
     return Dataset(
         (data.x_train - mean) / std, data.y_train, (data.x_val - mean) / std, data.y_val, data.n_classes
     )

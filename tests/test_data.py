@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from bpexp.config import DataConfig, DataName
-from bpexp.data import make_data, read_idx, write_idx
+from bpexp.data import Dataset, make_data, read_idx, standardized, write_idx
 
 
 @pytest.mark.parametrize("name", ["gaussian", "teacher", "spirals", "blobs", "digits"])
@@ -31,6 +31,27 @@ def test_standardize_uses_training_statistics():
     varying = x_raw.std(0) > 0
     assert torch.allclose(x_std.mean(0), torch.zeros(64, dtype=torch.float64), atol=1e-12)
     assert torch.allclose(x_std.std(0)[varying], torch.ones(int(varying.sum()), dtype=torch.float64))
+
+
+def test_standardize_leaves_features_constant_in_training_unscaled():
+    """A pixel constant in the training split but not in validation keeps its scale (std 1)."""
+    x_train = torch.tensor([[0.0, 1.0], [0.0, 3.0], [0.0, 5.0]], dtype=torch.float64)
+    x_val = torch.tensor([[2.0, 3.0], [0.5, 1.0]], dtype=torch.float64)
+    y = torch.zeros(3, dtype=torch.long)
+    data = standardized(Dataset(x_train, y, x_val, y[:2], n_classes=2))
+    assert torch.equal(data.x_train[:, 0], torch.zeros(3, dtype=torch.float64))
+    assert torch.equal(data.x_val[:, 0], torch.tensor([2.0, 0.5], dtype=torch.float64))
+    assert torch.allclose(data.x_val[:, 1], torch.tensor([0.0, -1.0], dtype=torch.float64))
+
+
+def test_digits_validation_stays_on_the_training_scale_for_every_seed():
+    """digits at seed 2 has training-constant pixels that vary in validation (val/loss was ~1e5)."""
+    cfg = DataConfig(
+        name=DataName.digits, in_dim=None, out_dim=None, n_train=1400, n_val=397, standardize=True
+    )
+    for seed in range(4):
+        data = make_data(cfg, seed)
+        assert data.x_val.abs().max() < 100, seed
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
