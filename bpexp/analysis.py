@@ -33,12 +33,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from bpexp.names import TINY, is_experiment, split_key
+from bpexp.names import counts_text as counts_of
 from bpexp.progress import Progress
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-TINY = 1e-300  # floor before log10, as in the probes: an exact-zero norm stays finite
 DYNAMICS_FILE = "dynamics.parquet"
 DYNAMICS_SCHEMA = pa.schema(
     [
@@ -64,8 +65,6 @@ RUN_COLUMNS = [
     "artifact_uri",
 ]
 INT_TAGS = {"diverged_step", "diverged_layer", "job"}
-# Params that describe how a run was executed or predicted, not which network it trained.
-NOT_CONFIG = re.compile(r"^(seed|device|theory\..*|tracking\..*|sweep\..*|train\.threads)$")
 SEARCH_PAGE = 1000
 
 
@@ -172,14 +171,6 @@ def typed_params(raw: pd.DataFrame) -> pd.DataFrame:
         name: typed_column([parse_param(v) for v in raw[name]]).set_axis(raw.index) for name in raw.columns
     }
     return pd.DataFrame(columns, index=raw.index)
-
-
-def split_key(key: str) -> tuple[str, int | None]:
-    """'grad_norm/l007' -> ('grad_norm', 7); 'val/loss' -> ('val/loss', None) (the probes' key scheme)."""
-    quantity, _, last = key.rpartition("/")
-    if quantity and last[:1] == "l" and last[1:].isdigit():
-        return quantity, int(last[1:])
-    return key, None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,8 +313,8 @@ def config_columns(frame: pd.DataFrame) -> list[str]:
     tracking, device or theory.*): the axes of a sweep, e.g. ['model.activation', 'model.depth']."""
     columns = []
     for name in param_columns(frame):
-        if NOT_CONFIG.match(name):
-            continue
+        if not is_experiment(name) or name == "seed" or name.startswith("theory."):
+            continue  # where and how a run was recorded, its seed, the theory's predictions
         if frame[name].nunique(dropna=False) > 1:
             columns.append(name)
     return columns
@@ -602,17 +593,6 @@ def combine(run_ids: list[str], tables: dict[str, pa.Table]) -> pd.DataFrame:
 # Per-run summaries
 
 
-def profile(layer_norms: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """(log10(‖·^(1)‖/‖·^(L)‖), least-squares slope of log10‖·^(l)‖ against l, in decades per layer),
-    the norms given for l = 1 … L. Negative: the signal shrinks toward the input; 10**slope is the
-    per-layer gain."""
-    logs = np.log10(np.maximum(np.asarray(layer_norms, dtype=np.float64), TINY))
-    if len(logs) < 2:
-        return 0.0, 0.0
-    slope = np.polyfit(np.arange(1, len(logs) + 1), logs, 1)[0]
-    return float(logs[0] - logs[-1]), float(slope)
-
-
 def profiles(dynamics: pd.DataFrame, quantity: str) -> pd.DataFrame:
     """Per (run_id, step) with a complete, finite per-layer profile of `quantity`: log10_ratio, slope.
 
@@ -850,6 +830,4 @@ def rank_configs(
 
 
 def counts_text(values: pd.Series) -> str:
-    counts = values.fillna("unknown").astype(str).value_counts(sort=True)
-    counts = counts.sort_index(kind="stable").sort_values(ascending=False, kind="stable")
-    return ", ".join(f"{name} ×{n}" for name, n in counts.items())
+    return counts_of(values.fillna("unknown").astype(str))

@@ -17,6 +17,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from bpexp.names import is_experiment
+
 
 class ConfigError(ValueError):
     """A config value that composes but makes no sense; the message names the key and what is allowed."""
@@ -316,13 +318,10 @@ def flatten(cfg: Config | DictConfig) -> dict[str, Any]:
     return flat
 
 
-# Keys that say where and how a run is recorded or launched, not what it computes.
-NOT_HASHED = ("tracking.", "sweep.")
-
-
 def config_hash(cfg: Config | DictConfig) -> str:
-    """16 hex digits that name what a run computes: the resolved config less tracking.* and sweep.*."""
-    flat = {k: v for k, v in flatten(cfg).items() if not k.startswith(NOT_HASHED)}
+    """16 hex digits that name what a run computes: the resolved config less the keys that are not the
+    experiment (names.NOT_EXPERIMENT: tracking, sweep, train.threads, device)."""
+    flat = {k: v for k, v in flatten(cfg).items() if is_experiment(k)}
     text = json.dumps(flat, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -24,11 +24,11 @@ from bpexp.analysis import (
     local_artifact_dir,
     parse_param,
     pivot,
-    profile,
     profiles,
     rank_configs,
     summarize,
 )
+from bpexp.names import profile, split_key
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -337,8 +337,8 @@ def hand_store(tmp_path):
     dyn = pd.DataFrame(
         {
             "step": pd.array([s for _, s, _ in series], dtype="int64"),
-            "layer": pd.array([analysis.split_key(k)[1] for k, _, _ in series], dtype="Int64"),
-            "quantity": pd.array([analysis.split_key(k)[0] for k, _, _ in series], dtype="string"),
+            "layer": pd.array([split_key(k)[1] for k, _, _ in series], dtype="Int64"),
+            "quantity": pd.array([split_key(k)[0] for k, _, _ in series], dtype="string"),
             "value": [v for _, _, v in series],
         }
     )

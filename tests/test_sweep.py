@@ -145,8 +145,15 @@ def test_a_reused_worker_gets_back_the_launch_environment(monkeypatch):
 def test_config_hash_names_what_a_run_computes():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         base = compose("train", overrides=["model.depth=3"])
-        moved = compose(
-            "train", overrides=["model.depth=3", "tracking.uri=sqlite:////a.db", "sweep.resume=true"]
+        moved = compose(  # where it is recorded, how it is launched, how many threads: not the experiment
+            "train",
+            overrides=[
+                "model.depth=3",
+                "tracking.uri=sqlite:////a.db",
+                "sweep.resume=true",
+                "train.threads=2",
+                "device=cpu",
+            ],
         )
         other = compose("train", overrides=["model.depth=4"])
     assert config_hash(base) == config_hash(moved) == config_hash(to_config(base))
