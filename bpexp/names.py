@@ -150,7 +150,24 @@ class Tag(StrEnum):
     note = "mlflow.note.content"  # the run's Description in the MLflow UI
 
 
-SWEEP_ROLE = "sweep"
+SWEEP_ROLE = "sweep"  # the value of Tag.role on a sweep's parent run
+
+# Columns store.load_runs builds from run info and tags, in this order, before params and metrics.
+RUN_COLUMNS = [
+    "run_id",
+    "run_name",
+    "status",
+    "outcome",
+    "diagnosis",
+    "diagnosis_init",
+    "diverged_step",
+    "sweep",
+    "parent_run_id",
+    "start_time",
+    "duration_s",
+    "experiment_id",
+    "artifact_uri",
+]
 
 
 # --------------------------------------------------------------------------------------------------
