@@ -109,10 +109,11 @@ def sweep_line(
 ) -> str:
     """The sweep's last line: this launch's jobs per outcome and per diagnosis, then how to report it."""
     ran = sum(outcomes.values())
-    parts = [outcomes_text(outcomes) if ran else ""]
+    parts = []
+    if ran:
+        states = counts_text(diagnoses)
+        parts.append(outcomes_text(outcomes) + (f" ({states})" if states else ""))
     if skipped:
         parts.append(f"{skipped} skipped")
-    text = f"sweep {sweep_id}: {'; '.join(p for p in parts if p) or '0 jobs'}"
-    if ran and (states := counts_text(diagnoses)):
-        text += f" ({states})"
+    text = f"sweep {sweep_id}: {'; '.join(parts) or '0 jobs'}"
     return f"{text}. Report: {report}"

@@ -52,4 +52,7 @@ def test_the_last_line_of_a_sweep():
     line = sweep_line("s1", {"completed": 2, "diverged": 1}, ["healthy", "healthy", "diverged"], 0, "R")
     assert line == "sweep s1: 3 jobs: 2 completed, 1 diverged (healthy ×2, diverged ×1). Report: R"
     assert sweep_line("s1", {}, [], 9, "R") == "sweep s1: 9 skipped. Report: R"
+    assert sweep_line("s1", {"completed": 1}, ["healthy"], 2, "R") == (
+        "sweep s1: 1 job: 1 completed (healthy ×1); 2 skipped. Report: R"
+    )
     assert count(1, "config") == "1 config" and count(2, "config") == "2 configs"

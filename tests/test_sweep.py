@@ -287,8 +287,8 @@ def test_sigterm_mid_sweep_leaves_nothing_running_and_resume_runs_only_the_rest(
     store = f"sqlite:///{tmp_path}/mlflow.db"
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
     args = ["experiment=ok0,slow,ok1,ok2", *extra]
-    proc = subprocess.Popen(
-        sweep_command(tmp_path, *args),
+    proc = subprocess.Popen(  # hydra.verbose: the debug line that says a run exists
+        sweep_command(tmp_path, *args, "hydra.verbose=bpexp.train"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -311,9 +311,10 @@ def test_sigterm_mid_sweep_leaves_nothing_running_and_resume_runs_only_the_rest(
     # The same command with sweep.resume=true: the same parent, and runs for what was not FINISHED only.
     done = run_sweep(tmp_path, *args, "sweep.resume=true")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("skipped (sweep.resume)") + done.stderr.count("skipped (sweep.resume)") == len(
-        finished
-    )
+    assert done.stdout.count("skipped (sweep.resume") == len(finished)
+    last = done.stdout.splitlines()[-1]  # this launch: what ran, what was skipped, the report command
+    assert f"{4 - len(finished)} completed" in last and "Report: python -m bpexp.report" in last
+    assert (f"; {len(finished)} skipped." in last) == bool(finished)
     parent_after, children_after = split(all_runs(store))
     assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
     before = {r.info.run_id for r in children}
