@@ -1,306 +1,28 @@
-"""From the tracking store to pandas: runs, dynamics, per-run summaries, aggregates over seeds.
+"""Statistics of runs: per-run summaries, aggregates over seeds, rankings. Pure: DataFrames in and out.
 
-Imports no training code (DESIGN.md): its inputs are the tracking store (embedded SQLite or a server),
-the runs' ``dynamics.parquet`` artifacts, and DataFrames. Three kinds of function:
+Its inputs are the tables of bpexp/store.py (``load_runs``, ``load_dynamics``) or hand-made ones of
+the same shape; it reads no store and imports no training code (docs/design.md). Two kinds of function:
 
-- loaders: ``load_runs`` (one row per run) and ``load_dynamics`` (the long table run_id, step, layer,
-  quantity, value), plus ``find_sweep`` to turn "latest" or a parent run id into a sweep;
 - per-run numbers: ``summarize`` (δ and ∂L/∂W profiles at init and at the end, losses, divergence);
 - across runs: ``bootstrap_ci``, ``aggregate`` (mean and 95% CI over seeds), ``pivot``, ``rank_configs``.
 
-Column names: params keep their dotted config keys (``model.depth``), metrics their MLflow keys
-(``val/loss``), bpexp tags lose their prefix (``outcome``, ``diagnosis``, ``sweep``), and the numbers
-``summarize`` derives are snake_case (``delta_log10_ratio_init``).
+The numbers ``summarize`` derives are snake_case columns (``delta_log10_ratio_init``).
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
-import os
-import re
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from bpexp.progress import Progress
-
-if TYPE_CHECKING:
-    from mlflow.tracking import MlflowClient
-
-TINY = 1e-300  # floor before log10, as in the probes: an exact-zero norm stays finite
-DYNAMICS_FILE = "dynamics.parquet"
-DYNAMICS_SCHEMA = pa.schema(
-    [
-        ("step", pa.int64()),
-        ("layer", pa.int64()),
-        ("quantity", pa.dictionary(pa.int32(), pa.string())),  # read as codes: no string per row
-        ("value", pa.float64()),
-    ]
-)
-# Columns load_runs builds from run info and tags, in this order, before params and metrics.
-RUN_COLUMNS = [
-    "run_id",
-    "run_name",
-    "status",
-    "outcome",
-    "diagnosis",
-    "diverged_step",
-    "sweep",
-    "parent_run_id",
-    "start_time",
-    "duration_s",
-    "experiment_id",
-    "artifact_uri",
-]
-INT_TAGS = {"diverged_step", "diverged_layer", "job"}
-# Params that describe how a run was executed or predicted, not which network it trained.
-NOT_CONFIG = re.compile(r"^(seed|device|theory\..*|tracking\..*|sweep\..*|train\.threads)$")
-SEARCH_PAGE = 1000
-
+from bpexp.names import RUN_COLUMNS, TINY, diagnosis_change, is_experiment
+from bpexp.names import counts_text as counts_of
 
 # --------------------------------------------------------------------------------------------------
-# The store
-
-
-def default_tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else the embedded SQLite store of the current directory (as train does)."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve()}/mlflow.db"
-
-
-def make_client(tracking_uri: str | None = None) -> MlflowClient:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri or default_tracking_uri())
-
-
-def experiment_id(client: MlflowClient, experiment: str) -> str:
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = sorted(e.name for e in client.search_experiments())
-        raise LookupError(
-            f"experiment={experiment!r} is not in the store at {client.tracking_uri}; "
-            f"experiments there: {', '.join(names) or 'none'}"
-        )
-    return found.experiment_id
-
-
-def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: str = "") -> list[Any]:
-    """Every matching run, page by page, oldest first."""
-    runs: list[Any] = []
-    token = None
-    while True:
-        page = client.search_runs(
-            experiment_ids,
-            filter_string,
-            max_results=SEARCH_PAGE,
-            order_by=["attributes.start_time ASC"],
-            page_token=token,
-        )
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def quote(value: str) -> str:
-    """A value inside a single-quoted MLflow filter string."""
-    return "'" + value.replace("'", "\\'") + "'"
-
-
-# --------------------------------------------------------------------------------------------------
-# Params: MLflow strings back to values
-
-
-NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|infinity|nan)", re.IGNORECASE)
-PYTHON_WORDS = {"None": None, "True": True, "False": False}  # str() of a value logged by other code
-
-
-def parse_param(text: str | None) -> Any:
-    """One MLflow param string back to its value: `null` -> None, `true` -> True, `3` -> 3, `1e-05` ->
-    1e-05, `inf` -> inf, `[0.9, 0.999]` -> (0.9, 0.999) (a tuple, so it can be a group key), anything
-    else -> the string itself.
-
-    JSON first, then Python's float for what JSON lacks (`inf`, `nan`, `.5`): YAML 1.1 would read
-    `1e-05` as a string and `no` as False.
-    """
-    if text is None:
-        return None
-    if text in PYTHON_WORDS:
-        return PYTHON_WORDS[text]
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return float(text) if NUMBER.fullmatch(text.strip()) else text
-    if isinstance(value, list):
-        return tuple(value)
-    if isinstance(value, dict):
-        return text  # no config value is a mapping; keep the string rather than an unhashable dict
-    return value
-
-
-def typed_column(values: Sequence[Any]) -> pd.Series:
-    """A column of parsed values with the narrowest dtype: boolean, Int64, float64, else object/str.
-
-    Missing (None) becomes <NA> or NaN; a column mixing kinds (numbers and strings) keeps its values.
-    """
-    present = [v for v in values if v is not None]
-    if present and all(isinstance(v, bool) for v in present):
-        return pd.Series(pd.array(values, dtype="boolean"))
-    if present and all(isinstance(v, int) and not isinstance(v, bool) for v in present):
-        return pd.Series(pd.array(values, dtype="Int64"))
-    if present and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in present):
-        return pd.Series([math.nan if v is None else float(v) for v in values], dtype="float64")
-    if present and all(isinstance(v, str) for v in present):
-        return pd.Series(values)
-    return pd.Series(values, dtype=object)
-
-
-def typed_params(raw: pd.DataFrame) -> pd.DataFrame:
-    """MLflow's param strings (missing = None) -> typed columns, each column as narrow as it goes."""
-    columns = {
-        name: typed_column([parse_param(v) for v in raw[name]]).set_axis(raw.index) for name in raw.columns
-    }
-    return pd.DataFrame(columns, index=raw.index)
-
-
-def split_key(key: str) -> tuple[str, int | None]:
-    """'grad_norm/l007' -> ('grad_norm', 7); 'val/loss' -> ('val/loss', None) (the probes' key scheme)."""
-    quantity, _, last = key.rpartition("/")
-    if quantity and last[:1] == "l" and last[1:].isdigit():
-        return quantity, int(last[1:])
-    return key, None
-
-
-# --------------------------------------------------------------------------------------------------
-# Runs
-
-
-def load_runs(
-    experiment: str = "bpexp",
-    sweep: str | None = None,
-    tracking_uri: str | None = None,
-    *,
-    parent_run_id: str | None = None,
-    layer_metrics: bool = False,
-    include_parents: bool = False,
-    latest_per_job: bool = True,
-    filter_string: str = "",
-) -> pd.DataFrame:
-    """One row per run of `experiment` (of one sweep when `sweep` or `parent_run_id` is given).
-
-    Columns: RUN_COLUMNS (run info; the bpexp.* tags without their prefix, `diverged_step` as Int64;
-    `parent_run_id` from mlflow.parentRunId), then every param under its dotted key, typed back with
-    ``parse_param`` (theory.chi1 … where logged), then the final value of every network-level metric
-    (`val/loss`, `delta/log10_ratio`, `theory/delta_log10_ratio` …; per-layer ones too with
-    `layer_metrics=True`). With both `sweep` and `parent_run_id`, a run that has either link counts.
-    A sweep's parent run (tagged bpexp.role=sweep, or named as parent by a loaded run) is left out
-    unless `include_parents`. A resumed sweep launches a job again (tag bpexp.job): only its latest
-    run is kept unless `latest_per_job=False`. ``frame.attrs`` keeps tracking_uri, experiment and the
-    param column names.
-    """
-    client = make_client(tracking_uri)
-    exp_id = experiment_id(client, experiment)
-    clauses = [filter_string] if filter_string else []
-    searches = []
-    if sweep is not None:
-        searches.append([*clauses, f"tags.`bpexp.sweep` = {quote(sweep)}"])
-    if parent_run_id is not None:
-        searches.append([*clauses, f"tags.`mlflow.parentRunId` = {quote(parent_run_id)}"])
-    found: dict[str, Any] = {}
-    for search in searches or [clauses]:
-        for run in search_all(client, [exp_id], " and ".join(search)):
-            found.setdefault(run.info.run_id, run)
-    runs = sorted(found.values(), key=lambda r: (r.info.start_time or 0, r.info.run_id))
-    if not include_parents:
-        parents = {r.data.tags.get("mlflow.parentRunId") for r in runs} | {parent_run_id}
-        runs = [r for r in runs if r.info.run_id not in parents and r.data.tags.get("bpexp.role") != "sweep"]
-    if latest_per_job:
-        runs = latest_runs(runs)
-    frame = runs_frame(runs, layer_metrics)
-    frame.attrs.update(
-        tracking_uri=client.tracking_uri,
-        experiment=experiment,
-        params=[c for c in frame.columns if c in param_names(runs)],
-    )
-    return frame
-
-
-def latest_runs(runs: list[Any]) -> list[Any]:
-    """The last-started run of each (sweep, job); runs without a bpexp.job tag all stay (in order)."""
-    latest: dict[Any, Any] = {}
-    for run in runs:  # sorted by start time: a later launch of the same job replaces the earlier one
-        tags = run.data.tags
-        job = tags.get("bpexp.job")
-        key = (
-            (tags.get("bpexp.sweep"), tags.get("mlflow.parentRunId"), job)
-            if job is not None
-            else run.info.run_id
-        )
-        latest[key] = run
-    keep = {run.info.run_id for run in latest.values()}
-    return [run for run in runs if run.info.run_id in keep]
-
-
-def param_names(runs: list[Any]) -> set[str]:
-    return {key for run in runs for key in run.data.params}
-
-
-def runs_frame(runs: list[Any], layer_metrics: bool = False) -> pd.DataFrame:
-    """MLflow Run objects -> the load_runs table (kept separate so it is testable without a store)."""
-    info_rows, param_rows, metric_rows = [], [], []
-    for run in runs:
-        tags, info = run.data.tags, run.info
-        row: dict[str, Any] = {
-            "run_id": info.run_id,
-            "run_name": info.run_name or tags.get("mlflow.runName"),
-            "status": info.status,
-            "parent_run_id": tags.get("mlflow.parentRunId"),
-            "start_time": pd.to_datetime(info.start_time, unit="ms", utc=True) if info.start_time else pd.NaT,
-            "duration_s": (info.end_time - info.start_time) / 1000
-            if info.end_time and info.start_time
-            else math.nan,
-            "experiment_id": info.experiment_id,
-            "artifact_uri": info.artifact_uri,
-        }
-        for key, value in tags.items():
-            if key.startswith("bpexp."):
-                row[key.removeprefix("bpexp.")] = value
-        info_rows.append(row)
-        param_rows.append(dict(run.data.params))
-        metric_rows.append(
-            {k: v for k, v in run.data.metrics.items() if layer_metrics or split_key(k)[1] is None}
-        )
-    info = pd.DataFrame(
-        info_rows, columns=list(dict.fromkeys([*RUN_COLUMNS, *(k for r in info_rows for k in r)]))
-    )
-    for name in INT_TAGS & set(info.columns):
-        info[name] = pd.array([as_int(v) for v in info[name]], dtype="Int64")
-    raw_params = pd.DataFrame(param_rows, dtype=object).reindex(
-        columns=sorted({k for r in param_rows for k in r})
-    )
-    params = typed_params(raw_params.where(raw_params.notna(), None))
-    metrics = pd.DataFrame(metric_rows, dtype="float64")
-    metrics = metrics.reindex(columns=sorted(metrics.columns))
-    return pd.concat([info, params, metrics], axis=1)
-
-
-def as_int(text: Any) -> int | None:
-    """A tag that holds an integer, or None (missing, 'None', anything else)."""
-    try:
-        return int(text)
-    except (TypeError, ValueError):
-        return None
+# Which columns are the experiment
 
 
 def param_columns(frame: pd.DataFrame) -> list[str]:
@@ -322,8 +44,8 @@ def config_columns(frame: pd.DataFrame) -> list[str]:
     tracking, device or theory.*): the axes of a sweep, e.g. ['model.activation', 'model.depth']."""
     columns = []
     for name in param_columns(frame):
-        if NOT_CONFIG.match(name):
-            continue
+        if not is_experiment(name) or name == "seed" or name.startswith("theory."):
+            continue  # where and how a run was recorded, its seed, the theory's predictions
         if frame[name].nunique(dropna=False) > 1:
             columns.append(name)
     return columns
@@ -356,261 +78,7 @@ def format_value(value: Any) -> str:
 
 
 # --------------------------------------------------------------------------------------------------
-# Sweeps
-
-
-@dataclass(frozen=True)
-class Sweep:
-    """One multirun in the store: its id (the bpexp.sweep tag) and its parent run, if there is one."""
-
-    sweep_id: str
-    parent_run_id: str | None
-    experiment: str
-    tracking_uri: str
-
-    def runs(self, **kwargs: Any) -> pd.DataFrame:
-        """load_runs for this sweep's child runs."""
-        return load_runs(
-            self.experiment,
-            sweep=self.sweep_id,
-            tracking_uri=self.tracking_uri,
-            parent_run_id=self.parent_run_id,
-            **kwargs,
-        )
-
-
-def find_sweep(ref: str = "latest", experiment: str = "bpexp", tracking_uri: str | None = None) -> Sweep:
-    """A sweep by its id (the bpexp.sweep tag), by its parent run id (or a child's), or 'latest': the
-    sweep of the most recently started run with a bpexp.sweep tag."""
-    client = make_client(tracking_uri)
-    exp_id = experiment_id(client, experiment)
-    uri = client.tracking_uri
-    if ref == "latest":
-        page = client.search_runs(
-            [exp_id], "tags.`bpexp.sweep` != ''", max_results=1, order_by=["attributes.start_time DESC"]
-        )
-        if not page:
-            raise LookupError(f"no run in experiment={experiment!r} at {uri} has a bpexp.sweep tag")
-        sweep_id = page[0].data.tags["bpexp.sweep"]
-        return Sweep(sweep_id, sweep_parent(client, exp_id, sweep_id), experiment, uri)
-    if re.fullmatch(r"[0-9a-f]{32}", ref):
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = client.get_run(ref)
-        except MlflowException:
-            run = None
-        if run is not None:
-            tags = run.data.tags
-            parent = tags.get("mlflow.parentRunId") if tags.get("bpexp.role") != "sweep" else None
-            parent = parent or ref  # a child's run id stands for its sweep
-            return Sweep(tags.get("bpexp.sweep", parent), parent, experiment, uri)
-    if client.search_runs([exp_id], f"tags.`bpexp.sweep` = {quote(ref)}", max_results=1):
-        return Sweep(ref, sweep_parent(client, exp_id, ref), experiment, uri)
-    known = {r.data.tags["bpexp.sweep"] for r in client.search_runs([exp_id], "tags.`bpexp.sweep` != ''")}
-    raise LookupError(
-        f"sweep {ref!r} is not in experiment={experiment!r} at {uri}; give a sweep id, a parent run id or "
-        f"'latest' (sweeps there: {', '.join(sorted(known)[:10]) or 'none'})"
-    )
-
-
-def sweep_parent(client: MlflowClient, exp_id: str, sweep_id: str) -> str | None:
-    """The sweep's run tagged bpexp.role=sweep, else the run its children name as parent, else its one
-    tagged run without a parent."""
-    runs = search_all(client, [exp_id], f"tags.`bpexp.sweep` = {quote(sweep_id)}")
-    for run in runs:
-        if run.data.tags.get("bpexp.role") == "sweep":
-            return run.info.run_id
-    ids = {r.info.run_id for r in runs}
-    named = [r.data.tags.get("mlflow.parentRunId") for r in runs]
-    for parent in named:
-        if parent in ids:
-            return parent
-    roots = [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    return roots[0] if len(roots) == 1 and len(runs) > 1 else next((p for p in named if p), None)
-
-
-# --------------------------------------------------------------------------------------------------
-# Dynamics
-
-
-def local_artifact_dir(artifact_uri: str | None) -> Path | None:
-    """The folder behind a file:// (or plain path) artifact URI; None for a remote store."""
-    if not artifact_uri:
-        return None
-    parsed = urlparse(artifact_uri)
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    if parsed.scheme == "" or re.fullmatch(r"[a-zA-Z]", parsed.scheme):  # a path (C:\ on Windows)
-        return Path(artifact_uri)
-    return None
-
-
-def load_dynamics(
-    runs: pd.DataFrame | Iterable[str],
-    tracking_uri: str | None = None,
-    quantities: Iterable[str] | None = None,
-    *,
-    source: str = "auto",
-    workers: int = 8,
-    progress: bool = False,
-) -> pd.DataFrame:
-    """The long table run_id, step, layer, quantity, value of many runs (`progress`: a bar on stderr).
-
-    `runs`: a load_runs frame (its artifact_uri and attrs['tracking_uri'] are used) or run ids.
-    `source`: 'auto' reads each run's dynamics.parquet and falls back to the MLflow metric history
-    for a run without one; 'parquet' or 'history' force one path. `quantities` (e.g. ['grad_norm',
-    'val/loss']) keeps only those. Dtypes: run_id and quantity categorical, step int64, layer Int64
-    (<NA> for network-level quantities), value float64. Parquet artifacts are read in place when the
-    artifact store is a local folder, else downloaded, `workers` at a time; the metric history holds
-    only finite values (the tracker skips NaN/inf), the Parquet file every value.
-    ``frame.attrs['sources']`` says how many runs came from each path.
-    """
-    if source not in ("auto", "parquet", "history"):
-        raise ValueError(f"source={source!r} is not one of: auto, parquet, history")
-    if isinstance(runs, pd.DataFrame):
-        run_ids = [str(r) for r in runs["run_id"]]
-        uris = list(runs["artifact_uri"]) if "artifact_uri" in runs else [None] * len(run_ids)
-        tracking_uri = tracking_uri or runs.attrs.get("tracking_uri")
-    else:
-        run_ids, uris = [str(r) for r in runs], None
-    wanted = None if quantities is None else sorted(set(quantities))
-    client = make_client(tracking_uri)  # connects on first use only: not at all for local Parquet files
-    if uris is None:
-        with ThreadPoolExecutor(workers) as pool:
-            uris = list(pool.map(lambda r: client.get_run(r).info.artifact_uri, run_ids))
-    tables: dict[str, pa.Table] = {}
-    missing = list(run_ids)
-    if source != "history":
-        with (
-            tempfile.TemporaryDirectory(prefix="bpexp-dynamics-") as tmp,
-            ThreadPoolExecutor(workers) as pool,
-        ):
-            read = pool.map(
-                lambda item: read_parquet_artifact(client, item[0], item[1], wanted, Path(tmp)),
-                zip(run_ids, uris, strict=True),
-            )
-            bar = Progress(len(run_ids), "dynamics", stream=None if progress else io.StringIO(), unit="run")
-            for done, (r, t) in enumerate(zip(run_ids, read, strict=True), start=1):
-                if t is not None:
-                    tables[r] = t
-                bar.update(done)
-            bar.close()
-        missing = [r for r in run_ids if r not in tables]
-        if source == "parquet" and missing:
-            raise FileNotFoundError(f"no {DYNAMICS_FILE} artifact for runs: {', '.join(missing[:5])}")
-    if missing:
-        tables.update(history_tables(client, missing, wanted, workers))
-    frame = combine(run_ids, tables)
-    if wanted is not None:  # a Parquet dictionary lists every quantity of the file, not only those read
-        frame["quantity"] = frame["quantity"].cat.remove_unused_categories()
-    frame.attrs["sources"] = {"parquet": len(run_ids) - len(missing), "history": len(missing)}
-    return frame
-
-
-def read_parquet_artifact(
-    client: MlflowClient, run_id: str, artifact_uri: str | None, quantities: list[str] | None, tmp: Path
-) -> pa.Table | None:
-    """One run's dynamics.parquet as an Arrow table in DYNAMICS_SCHEMA; None when the run has none."""
-    folder = local_artifact_dir(artifact_uri)
-    if folder is not None:
-        path = folder / DYNAMICS_FILE
-        if not path.is_file():
-            return None
-    else:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            path = Path(client.download_artifacts(run_id, DYNAMICS_FILE, str(tmp / run_id)))
-        except (MlflowException, OSError):
-            return None
-    filters = [("quantity", "in", quantities)] if quantities is not None else None
-    # One thread per file: the files are small and the pool already runs `workers` of them at once.
-    table = pq.read_table(
-        path, columns=DYNAMICS_SCHEMA.names, filters=filters, use_threads=False, read_dictionary=["quantity"]
-    )
-    return table.cast(DYNAMICS_SCHEMA)
-
-
-def history_tables(
-    client: MlflowClient, run_ids: list[str], quantities: list[str] | None, workers: int
-) -> dict[str, pa.Table]:
-    """The dynamics of runs without a Parquet artifact, from MLflow's metric history: one request per
-    (run, metric key), `workers` at a time. Slow for many layers (see scripts/bench_dynamics.py)."""
-    with ThreadPoolExecutor(workers) as pool:
-        keys = list(pool.map(lambda r: list(client.get_run(r).data.metrics), run_ids))
-        jobs = [
-            (run_id, key)
-            for run_id, run_keys in zip(run_ids, keys, strict=True)
-            for key in sorted(run_keys)
-            if quantities is None or split_key(key)[0] in quantities
-        ]
-        histories = list(pool.map(lambda job: client.get_metric_history(*job), jobs))
-    columns: dict[str, dict[str, list[Any]]] = {
-        r: {"step": [], "layer": [], "quantity": [], "value": []} for r in run_ids
-    }
-    for (run_id, key), history in zip(jobs, histories, strict=True):
-        quantity, layer = split_key(key)
-        out = columns[run_id]
-        out["step"].extend(m.step for m in history)
-        out["value"].extend(m.value for m in history)
-        out["layer"].extend([layer] * len(history))
-        out["quantity"].extend([quantity] * len(history))
-    plain = pa.schema([f.with_type(pa.string()) if f.name == "quantity" else f for f in DYNAMICS_SCHEMA])
-    return {r: pa.table(c, schema=plain).cast(DYNAMICS_SCHEMA) for r, c in columns.items()}
-
-
-def combine(run_ids: list[str], tables: dict[str, pa.Table]) -> pd.DataFrame:
-    """Per-run Arrow tables -> one DataFrame, written once into preallocated columns (each first touch
-    of fresh memory costs a page fault, so no intermediate copies). run_id is a categorical built from
-    the tables' lengths and quantity one from the Parquet dictionary codes: no Python string per row."""
-    order = [r for r in run_ids if r in tables]
-    n = sum(tables[r].num_rows for r in order)
-    step, layer, value = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.float64)
-    missing, quantity, run = np.empty(n, bool), np.empty(n, np.int32), np.empty(n, np.int32)
-    categories: dict[str, int] = {}
-    offset = 0
-    for code, run_id in enumerate(order):
-        for batch in tables[run_id].to_batches():
-            end = offset + batch.num_rows
-            run[offset:end] = code
-            step[offset:end] = batch.column("step").to_numpy()
-            value[offset:end] = batch.column("value").to_numpy(
-                zero_copy_only=False
-            )  # NaN was written as null
-            layers = batch.column("layer")
-            layer[offset:end] = layers.fill_null(0).to_numpy()
-            missing[offset:end] = layers.is_null().to_numpy(zero_copy_only=False)
-            names = batch.column("quantity")
-            lookup = np.array(
-                [categories.setdefault(name, len(categories)) for name in names.dictionary.to_pylist()],
-                dtype=np.int32,
-            )
-            quantity[offset:end] = lookup[names.indices.to_numpy(zero_copy_only=False)]
-            offset = end
-    columns = {
-        "run_id": pd.Categorical.from_codes(run, categories=pd.Index(order, dtype=object)),
-        "step": step,
-        "layer": pd.arrays.IntegerArray(layer, missing),
-        "quantity": pd.Categorical.from_codes(quantity, categories=pd.Index(list(categories), dtype=object)),
-        "value": value,
-    }
-    return pd.DataFrame(columns, copy=False)
-
-
-# --------------------------------------------------------------------------------------------------
 # Per-run summaries
-
-
-def profile(layer_norms: Sequence[float] | np.ndarray) -> tuple[float, float]:
-    """(log10(‖·^(1)‖/‖·^(L)‖), least-squares slope of log10‖·^(l)‖ against l, in decades per layer),
-    the norms given for l = 1 … L. Negative: the signal shrinks toward the input; 10**slope is the
-    per-layer gain."""
-    logs = np.log10(np.maximum(np.asarray(layer_norms, dtype=np.float64), TINY))
-    if len(logs) < 2:
-        return 0.0, 0.0
-    slope = np.polyfit(np.arange(1, len(logs) + 1), logs, 1)[0]
-    return float(logs[0] - logs[-1]), float(slope)
 
 
 def profiles(dynamics: pd.DataFrame, quantity: str) -> pd.DataFrame:
@@ -808,21 +276,22 @@ def rank_configs(
     """The configs ranked by outcome: fewest diverged first, then lowest median final val loss.
 
     Columns: rank, config (a label), the `by` columns (default: config_columns), n_runs, completed and
-    diverged (counts), diagnosis ('vanishing ×2, healthy ×1', most common first), the median
+    diverged (counts), diagnosis ('vanishing → healthy ×2, healthy ×1': at init → at the end, most
+    common first), the median
     delta_log10_ratio_init, the median, mean and CI of final_val_loss, the median best_val_loss.
     """
     by = list(config_columns(summary) if by is None else by)
     table = aggregate(summary, by, RANK_VALUES, ci=ci, n_boot=n_boot)
     keyed = summary.assign(config=config_label(summary, by), _all="all runs")
-    for name in ("outcome", "diagnosis"):
-        if name not in keyed:
-            keyed[name] = "unknown"
+    if "outcome" not in keyed:
+        keyed["outcome"] = "unknown"
+    keyed["states"] = diagnosis_states(keyed)
     extra = [  # the same groupby as aggregate's, so the rows line up
         {
             "config": group["config"].iloc[0],
             "completed": int((group["outcome"] == "completed").sum()),
             "diverged": int((group["outcome"] == "diverged").sum()),
-            "diagnosis": counts_text(group["diagnosis"]),
+            "diagnosis": counts_text(group["states"]),
         }
         for _, group in keyed.groupby(by or ["_all"], dropna=False, sort=True)
     ]
@@ -849,7 +318,21 @@ def rank_configs(
     return table[columns]
 
 
+def diagnosis_states(frame: pd.DataFrame) -> pd.Series:
+    """Per run 'vanishing → healthy' (at initialization → at the end, one word when they agree), from
+    the diagnosis_init and diagnosis columns; 'unknown' where neither was tagged."""
+
+    def word(value: Any) -> str | None:
+        return value if isinstance(value, str) else None
+
+    init = frame["diagnosis_init"] if "diagnosis_init" in frame else pd.Series(None, index=frame.index)
+    end = frame["diagnosis"] if "diagnosis" in frame else pd.Series(None, index=frame.index)
+    states = [
+        diagnosis_change(word(i), word(e)) if word(i) or word(e) else "unknown"
+        for i, e in zip(init, end, strict=True)
+    ]
+    return pd.Series(states, index=frame.index, dtype=object)
+
+
 def counts_text(values: pd.Series) -> str:
-    counts = values.fillna("unknown").astype(str).value_counts(sort=True)
-    counts = counts.sort_index(kind="stable").sort_values(ascending=False, kind="stable")
-    return ", ".join(f"{name} ×{n}" for name, n in counts.items())
+    return counts_of(values.fillna("unknown").astype(str))

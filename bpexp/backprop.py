@@ -1,6 +1,6 @@
 """Backpropagation written out by hand, one line per equation of the seed, for the MLPs of model.py.
 
-Notation (DESIGN.md): layers l = 1 … L, a^(0) = x, z^(l) = W^(l) a^(l-1) + b^(l), a^(l) = f(z^(l)) for
+Notation (docs/design.md): layers l = 1 … L, a^(0) = x, z^(l) = W^(l) a^(l-1) + b^(l), a^(l) = f(z^(l)) for
 hidden layers, a^(L) = z^(L) (linear output), δ^(l) = ∂L/∂z^(l). With batch-first tensors (one example
 per row) the column equations turn into z = a @ W.T + b, ∂L/∂W = δ.T @ a, δ^(l) = (δ^(l+1) @ W^(l+1)) ⊙ f'.
 No autograd here: every derivative is computed by hand, and the tests check each one against
@@ -219,19 +219,13 @@ def gradcheck(model: MLP, x: Tensor, y: Tensor, classification: bool) -> float:
 
     Dropout: when it is on (model.training, p > 0) both engines use the same mask, drawn from a private
     generator, so the run's RNG stream is not advanced. Side-effect free: autograd runs through
-    torch.autograd.grad, so no ``.grad`` is touched, and model.z / model.a (probe state) are restored.
+    torch.autograd.grad, so no ``.grad`` is touched.
     0/0 counts as 0, x/0 as inf. One host sync per call (meant for probe steps)."""
     masks = dropout_masks(model, x, torch.Generator(device=x.device).manual_seed(0))
     manual = backward(model, forward(model, x, masks), y, classification)
     params = [p for linear in model.linears for p in (linear.weight, linear.bias)]
-    saved = {name: getattr(model, name) for name in ("keep_z", "z", "a") if hasattr(model, name)}
-    model.keep_z = False
-    try:
-        with replay_masks(model, masks), torch.enable_grad():
-            auto = torch.autograd.grad(loss_value(model(x), y, classification), params)
-    finally:
-        for name, value in saved.items():
-            setattr(model, name, value)
+    with replay_masks(model, masks), torch.enable_grad():
+        auto = torch.autograd.grad(loss_value(model(x), y, classification), params)
     mine = [g for pair in manual.grads for g in pair]
     errors = torch.stack(
         [relative_error(m.double(), a.double()) for m, a in zip(mine, auto, strict=True)]

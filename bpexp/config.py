@@ -1,4 +1,6 @@
-"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+"""Typed schemas for every config group, registered in Hydra's ConfigStore: the one place for defaults.
+
+The YAML files under conf/ name their schema and hold only what differs from it.
 
 Closed choices are enums, so a typo fails at composition with the allowed values listed; ranges and
 cross-field rules are checked in ``__post_init__``, which runs when ``to_config`` turns the composed
@@ -16,6 +18,8 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+
+from bpexp.names import is_experiment
 
 
 class ConfigError(ValueError):
@@ -160,12 +164,13 @@ class ModelConfig:
     """Units per hidden layer."""
     activation: Activation = Activation.relu
     """Nonlinearity f of every hidden layer (the output layer is linear)."""
-    init: Init = Init.default
-    """Weight init; variance-scaling inits and orthogonal are multiplied by init_gain."""
+    init: Init = Init.kaiming_normal
+    """Weight init (default = PyTorch's own nn.Linear init, biases included)."""
     init_std: float = 0.01
-    """Std of every weight for init=normal (and half-width of init=uniform)."""
+    """Std of every weight for init=normal and init=uniform (uniform on ±√3·init_std)."""
     init_gain: float = 1.0
-    """σ_w: lecun_normal with gain σ_w gives W ~ N(0, σ_w²/fan_in)."""
+    """σ_w, a factor on the std of xavier_*, kaiming_* and lecun_normal (lecun_normal: W ~ N(0,
+    σ_w²/fan_in)) and orthogonal's gain; normal, uniform and default ignore it."""
     bias_std: float = 0.0
     """σ_b: 0 = zero biases, else b ~ N(0, σ_b²) (init=default keeps PyTorch's bias init)."""
     norm: Norm = Norm.none
@@ -213,7 +218,7 @@ class OptimConfig:
 
 @dataclass
 class TrainLoopConfig:
-    steps: int = 500
+    steps: int = 300
     """Optimizer steps; 0 = probe at initialization only (signal-propagation studies)."""
     batch_size: int | None = 128
     """Examples per step; null = full batch."""
@@ -239,7 +244,7 @@ class ProbesConfig:
     every: int = 10
     """Probe every this many steps (step 0 and the last step always)."""
     enabled: bool = True
-    """false = no per-layer probes (losses are still logged)."""
+    """false = no per-layer probes: losses are still logged, and the diagnosis is `unprobed`."""
     gradcheck_every: int = 0
     """Every this many steps, log gradcheck/max_rel_err between the manual and autograd engines; 0 = off."""
 
@@ -316,13 +321,10 @@ def flatten(cfg: Config | DictConfig) -> dict[str, Any]:
     return flat
 
 
-# Keys that say where and how a run is recorded or launched, not what it computes.
-NOT_HASHED = ("tracking.", "sweep.")
-
-
 def config_hash(cfg: Config | DictConfig) -> str:
-    """16 hex digits that name what a run computes: the resolved config less tracking.* and sweep.*."""
-    flat = {k: v for k, v in flatten(cfg).items() if not k.startswith(NOT_HASHED)}
+    """16 hex digits that name what a run computes: the resolved config less the keys that are not the
+    experiment (names.NOT_EXPERIMENT: tracking, sweep, train.threads, device)."""
+    flat = {k: v for k, v in flatten(cfg).items() if is_experiment(k)}
     text = json.dumps(flat, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -1,8 +1,8 @@
 """The MLP under study: (Linear -> [norm] -> f -> [dropout]) × depth, then a linear output layer.
 
-Layers are numbered l = 1 … L as in the seed; ``linears[l - 1]`` holds W^(l), b^(l). On probe steps the
-forward pass keeps every pre-activation z^(l) with its gradient, so δ^(l) = ∂L/∂z^(l) is read off
-autograd at no extra backward pass.
+Layers are numbered l = 1 … L as in the seed; ``linears[l - 1]`` holds W^(l), b^(l). On probe steps
+``trace`` returns every pre-activation z^(l) with its gradient retained, so δ^(l) = ∂L/∂z^(l) is read
+off autograd at no extra backward pass; ``forward`` keeps nothing.
 """
 
 from __future__ import annotations
@@ -40,9 +40,6 @@ class MLP(nn.Module):
         self.f = ACTIVATIONS[cfg.activation]
         self.dropout = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.residual = cfg.residual
-        self.keep_z = False  # set on probe steps: forward then fills self.z and self.a
-        self.z: list[torch.Tensor] = []  # z^(1) … z^(L), each (batch, width_l), grads retained
-        self.a: list[torch.Tensor] = []  # f(·) of hidden layers 1 … L-1 before dropout, (batch, width)
 
     @property
     def n_layers(self) -> int:
@@ -50,21 +47,30 @@ class MLP(nn.Module):
         return len(self.linears)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        keep = self.keep_z
-        if keep:  # probe steps only: off them, forward touches no attribute (nn.Module setattr is slow)
-            self.z, self.a = [], []
+        return self.run(x, None, None)
+
+    def trace(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """(a^(L), [z^(1) … z^(L)], [f(z^(1)) … f(z^(L-1))]): each z (batch, width_l) retains its grad
+        (δ^(l) after backward; z^(L) is a^(L) itself), the hidden f(·) are detached, before dropout."""
+        zs: list[torch.Tensor] = []
+        acts: list[torch.Tensor] = []
+        out = self.run(x, zs, acts)
+        return out, zs, acts
+
+    def run(self, x: torch.Tensor, zs: list | None, acts: list | None) -> torch.Tensor:
+        """The forward pass; appends z^(l) to `zs` and f(·) to `acts` when they are lists."""
         a = x
         for l, linear in enumerate(self.linears, start=1):
             z = linear(a)
-            if keep:
-                self.z.append(z)
+            if zs is not None:
+                zs.append(z)
                 if z.requires_grad:
                     z.retain_grad()
             if l == self.n_layers:
                 return z  # linear output layer: a^(L) = z^(L)
             h = self.f(self.norms[l - 1](z))
-            if keep:
-                self.a.append(h.detach())
+            if acts is not None:
+                acts.append(h.detach())
             h = self.dropout(h)
             a = a + h if self.residual and l > 1 else h
         raise AssertionError("unreachable: an MLP has at least one layer")
@@ -123,9 +129,5 @@ def first_nonfinite_layer(model: MLP, x: torch.Tensor) -> int | None:
     for l, linear in enumerate(model.linears, start=1):
         if not (torch.isfinite(linear.weight).all() and torch.isfinite(linear.bias).all()):
             return l
-    keep, model.keep_z = model.keep_z, True
-    try:
-        model(x)
-    finally:
-        model.keep_z = keep
-    return next((l for l, z in enumerate(model.z, start=1) if not torch.isfinite(z).all()), None)
+    _, zs, _ = model.trace(x)
+    return next((l for l, z in enumerate(zs, start=1) if not torch.isfinite(z).all()), None)

@@ -17,9 +17,9 @@ import torch
 
 from bpexp.config import Activation
 from bpexp.model import MLP
+from bpexp.names import TINY, Diagnosis, Metric, Quantity, layer_key, profile, split_key
 
 F64 = torch.float64
-TINY = 1e-300  # floor before log10, so an exact-zero norm gives a finite (very negative) ratio
 
 # Units whose f'(z) < 0.05·max f' count as saturated; f' is read off the output a = f(z).
 SATURATION_DERIVATIVE = {
@@ -27,26 +27,16 @@ SATURATION_DERIVATIVE = {
     Activation.tanh: lambda a: 1 - a * a,
     Activation.softplus: lambda a: -torch.expm1(-a),  # f' = sigmoid(z) = 1 - e^{-softplus(z)}
 }
-# Activations with f(z) <= 0 exactly when z <= 0: a unit at or below 0 on the whole batch is dead.
-DEAD_FAMILY = {Activation.relu, Activation.leaky_relu, Activation.elu, Activation.selu, Activation.gelu}
+# ReLU's f' is 0 below 0: a unit at 0 on the whole batch passes no gradient, it is dead.
+DEAD_FAMILY = {Activation.relu}
+# f(z) <= 0 exactly when z <= 0, but f' > 0 there (or nearly so): such units still learn; their share at
+# or below 0 on the whole batch is logged as `nonpositive`, and no diagnosis reads it.
+NONPOSITIVE_FAMILY = {Activation.leaky_relu, Activation.elu, Activation.selu, Activation.gelu}
 
 # Diagnosis thresholds (read at one probe step).
 DECADES = 2.0  # |log10(‖δ^(1)‖/‖δ^(L)‖)| above this: the error signal vanishes/explodes by >100×
 SATURATED_SHARE = 0.5  # mean share of saturated units over hidden layers
 DEAD_SHARE = 0.5  # share of dead units in the worst hidden layer
-
-
-def layer_key(quantity: str, l: int) -> str:
-    """`grad_norm/l007`: zero-padded so the MLflow UI sorts layers in order."""
-    return f"{quantity}/l{l:03d}"
-
-
-def split_key(key: str) -> tuple[str, int | None]:
-    """Inverse of layer_key: 'grad_norm/l007' -> ('grad_norm', 7); 'train/loss' -> ('train/loss', None)."""
-    quantity, _, last = key.rpartition("/")
-    if quantity and last[:1] == "l" and last[1:].isdigit():
-        return quantity, int(last[1:])
-    return key, None
 
 
 class Probes:
@@ -63,8 +53,9 @@ class Probes:
         self.before: list[torch.Tensor] = []
         self.keys: dict[str, list[str]] = {}
 
-    def due(self, step: int, last_step: int) -> bool:
-        return self.enabled and (step % self.every == 0 or step == last_step)
+    def due(self, step: int) -> bool:
+        """A probe step of the loop (the trained net gets one more probe after the last step)."""
+        return self.enabled and step % self.every == 0
 
     @torch.no_grad()
     def read(
@@ -80,10 +71,10 @@ class Probes:
         grad_w = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.weights]
         grad_b = [b.grad if b.grad is not None else torch.zeros_like(b) for b in self.biases]
         p = self.pending = {
-            "grad_norm": norms(grad_w),
-            "grad_norm_b": norms(grad_b),
-            "delta_norm": norms(delta),
-            "weight_norm": norms(self.weights),
+            Quantity.grad_norm: norms(grad_w),
+            Quantity.grad_norm_b: norms(grad_b),
+            Quantity.delta_norm: norms(delta),
+            Quantity.weight_norm: norms(self.weights),
         }
         p.update(self.activation_stats(activations))
         self.before = [w.detach().clone() for w in self.weights]
@@ -92,18 +83,19 @@ class Probes:
         """Mean, spread, saturation and dead share of a^(1) … a^(L) over the batch."""
         model = self.model
         std, mean = torch.std_mean(activations[-1].detach().to(F64))
-        stats = {"act_mean": mean.reshape(1), "act_std": std.reshape(1)}
+        stats = {Quantity.act_mean: mean.reshape(1), Quantity.act_std: std.reshape(1)}
         if len(activations) == 1:
             return stats
         hidden = torch.stack(activations[:-1]).to(F64)  # (L-1, batch, width): one reduction for all layers
         std, mean = torch.std_mean(hidden, dim=(1, 2))
-        stats["act_mean"] = torch.cat([mean, stats["act_mean"]])
-        stats["act_std"] = torch.cat([std, stats["act_std"]])
+        stats[Quantity.act_mean] = torch.cat([mean, stats[Quantity.act_mean]])
+        stats[Quantity.act_std] = torch.cat([std, stats[Quantity.act_std]])
         if model.activation in SATURATION_DERIVATIVE:
             derivative = SATURATION_DERIVATIVE[model.activation](hidden)
-            stats["saturation"] = (derivative < 0.05).to(F64).mean((1, 2))
-        if model.activation in DEAD_FAMILY:
-            stats["dead"] = (hidden <= 0).all(dim=1).to(F64).mean(1)
+            stats[Quantity.saturation] = (derivative < 0.05).to(F64).mean((1, 2))
+        if model.activation in DEAD_FAMILY or model.activation in NONPOSITIVE_FAMILY:
+            name = Quantity.dead if model.activation in DEAD_FAMILY else Quantity.nonpositive
+            stats[name] = (hidden <= 0).all(dim=1).to(F64).mean(1)
         return stats
 
     @torch.no_grad()
@@ -112,7 +104,7 @@ class Probes:
         p = self.pending
         if stepped:
             update = norms(torch._foreach_sub([w.detach() for w in self.weights], self.before))
-            p["update_ratio"] = update / p["weight_norm"].clamp_min(TINY)
+            p[Quantity.update_ratio] = update / p[Quantity.weight_norm].clamp_min(TINY)
         p.update(self.scalars)
         values = torch.cat(list(p.values())).cpu().numpy()  # one sync per probe step
         metrics: dict[str, float] = {}
@@ -125,10 +117,10 @@ class Probes:
                 metrics[name] = float(chunk[0])
             else:
                 metrics.update(zip(self.layer_keys(name, len(chunk)), chunk.tolist(), strict=True))
-        for prefix, name in (("delta", "delta_norm"), ("grad", "grad_norm")):
-            metrics[f"{prefix}/log10_ratio"], metrics[f"{prefix}/slope"] = profile(chunks[name])
-        squares = np.sum(chunks["grad_norm"] ** 2) + np.sum(chunks["grad_norm_b"] ** 2)
-        metrics["grad_norm/total"] = float(np.sqrt(squares))
+        metrics[Metric.delta_ratio], metrics[Metric.delta_slope] = profile(chunks[Quantity.delta_norm])
+        metrics[Metric.grad_ratio], metrics[Metric.grad_slope] = profile(chunks[Quantity.grad_norm])
+        squares = np.sum(chunks[Quantity.grad_norm] ** 2) + np.sum(chunks[Quantity.grad_norm_b] ** 2)
+        metrics[Metric.grad_norm_total] = float(np.sqrt(squares))
         self.pending, self.scalars, self.before = {}, {}, []
         return metrics
 
@@ -149,39 +141,29 @@ def values_of(metrics: dict[str, float], quantity: str) -> np.ndarray:
     return np.array([v for k, v in metrics.items() if split_key(k)[0] == quantity])
 
 
-def profile(layer_norms: np.ndarray) -> tuple[float, float]:
-    """(log10(‖·^(1)‖/‖·^(L)‖), least-squares slope of log10‖·^(l)‖ against l in decades per layer).
+def diagnose(metrics: dict[str, float]) -> Diagnosis:
+    """One word for one probe step, read from δ first (docs/design.md says why not ∂L/∂W alone).
 
-    Negative: the signal shrinks toward the input (vanishing); positive: it grows (exploding).
+    In order: unprobed, no δ was measured (probes off); exploding, δ grows by more than DECADES from
+    the output layer to the first; dead_units (ReLU only), the worst hidden layer has > DEAD_SHARE of
+    its units at 0 on the whole batch (a dead layer also cuts δ, so the cause is named before its
+    effect); vanishing, δ shrinks by more than DECADES; saturated, on average > SATURATED_SHARE of
+    hidden units sit where f' < 5% of its maximum; else healthy.
     """
-    logs = np.log10(np.maximum(layer_norms, TINY))
-    if len(logs) < 2:
-        return 0.0, 0.0
-    slope = np.polyfit(np.arange(1, len(logs) + 1), logs, 1)[0]
-    return float(logs[0] - logs[-1]), float(slope)
-
-
-def diagnose(metrics: dict[str, float]) -> str:
-    """One word for one probe step, read from δ first (DESIGN.md explains why not ∂L/∂W alone).
-
-    In order: exploding, δ grows by more than DECADES from the output layer to the first; dead_units,
-    the worst hidden layer has > DEAD_SHARE of its units at or below zero on the whole batch (a dead
-    layer also cuts δ, so the cause is named before its effect); vanishing, δ shrinks by more than
-    DECADES; saturated, on average > SATURATED_SHARE of hidden units sit where f' < 5% of its maximum;
-    else healthy.
-    """
-    ratio = metrics.get("delta/log10_ratio", 0.0)
+    if Metric.delta_ratio not in metrics:
+        return Diagnosis.unprobed
+    ratio = metrics[Metric.delta_ratio]
     if not math.isfinite(ratio) or ratio > DECADES:
-        return "exploding"
-    dead = values_of(metrics, "dead")
+        return Diagnosis.exploding
+    dead = values_of(metrics, Quantity.dead)
     if dead.size and dead.max() > DEAD_SHARE:
-        return "dead_units"
+        return Diagnosis.dead_units
     if ratio < -DECADES:
-        return "vanishing"
-    saturation = values_of(metrics, "saturation")
+        return Diagnosis.vanishing
+    saturation = values_of(metrics, Quantity.saturation)
     if saturation.size and saturation.mean() > SATURATED_SHARE:
-        return "saturated"
-    return "healthy"
+        return Diagnosis.saturated
+    return Diagnosis.healthy
 
 
 class Dynamics:

@@ -4,8 +4,9 @@
     python -m bpexp.report 20250101-120000  # a sweep id (the bpexp.sweep tag), or its parent run id
     python -m bpexp.report latest --tracking-uri http://localhost:5000 --experiment bpexp
 
-Reads the store through bpexp.analysis only (no training code): runs -> dynamics -> summaries ->
-figures. ``build_report`` does the work and returns a Report; ``main`` is the command line.
+Reads the store through bpexp.store and computes with bpexp.analysis (no training code): runs ->
+dynamics -> summaries -> figures. ``build_report`` does the work and returns a Report; ``main`` is the
+command line.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from bpexp import analysis
-from bpexp.analysis import Sweep
+from bpexp import analysis, store
+from bpexp.console import count
 from bpexp.figures import (
     config_profiles,
     layer_lines,
@@ -35,7 +36,9 @@ from bpexp.figures import (
     lines_with_bands,
     measured_vs_predicted,
 )
+from bpexp.names import diagnosis_change
 from bpexp.progress import Progress
+from bpexp.store import Sweep
 
 DPI = 120
 QUANTITIES = ["grad_norm", "delta_norm", "update_ratio", "val/loss", "diverged/step"]
@@ -78,11 +81,11 @@ def build_report(
     `sweep`: a sweep id, a parent run id or 'latest'. `show`: run ids (or run names) for the per-run
     figures (heatmap, update ratios); default: up to `max_shown` runs chosen by ``choose_runs``.
     """
-    found = analysis.find_sweep(sweep, experiment, tracking_uri)
+    found = store.find_sweep(sweep, experiment, tracking_uri)
     runs = found.runs()
     if runs.empty:
         raise LookupError(f"sweep {found.sweep_id!r} has no runs (parent run {found.parent_run_id})")
-    dynamics = analysis.load_dynamics(runs, quantities=QUANTITIES, progress=progress)
+    dynamics = store.load_dynamics(runs, quantities=QUANTITIES, progress=progress)
     summary = analysis.summarize(runs, dynamics)
     by = analysis.config_columns(summary)
     summary["config"] = analysis.config_label(summary, by).to_numpy()
@@ -116,7 +119,7 @@ def build_report(
     runs_table(summary).to_csv(report.tables["runs"], index=False)
     report.markdown.write_text(markdown(report, dynamics.attrs.get("sources", {})))
     if log and found.parent_run_id:
-        client = analysis.make_client(found.tracking_uri)
+        client = store.make_client(found.tracking_uri)
         for path in [report.markdown, *report.figures.values(), *report.tables.values()]:
             client.log_artifact(found.parent_run_id, str(path), "report")
         report.logged_to = found.parent_run_id
@@ -300,7 +303,8 @@ def grid(n: int, width: float, height: float) -> tuple[plt.Figure, list[plt.Axes
 
 def run_title(run: pd.Series) -> str:
     name = run.get("run_name") or str(run.name)[:8]
-    return f"{name}\n{run.get('outcome', '?')}, {run.get('diagnosis', '?')}"
+    state = diagnosis_change(run.get("diagnosis_init"), run.get("diagnosis")) or "?"
+    return f"{name}\n{run.get('outcome', '?')}, {state}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -313,6 +317,7 @@ RUN_TABLE = [
     "config",
     "seed",
     "outcome",
+    "diagnosis_init",
     "diagnosis",
     "diverged_step",
     "delta_log10_ratio_init",
@@ -336,7 +341,7 @@ def markdown(report: Report, sources: dict[str, int]) -> str:
         "",
         f"- store: `{sweep.tracking_uri}`, experiment `{sweep.experiment}`",
         f"- parent run: `{sweep.parent_run_id or 'none'}`",
-        f"- {len(summary)} runs in {len(report.configs)} configs"
+        f"- {count(len(summary), 'run')} in {count(len(report.configs), 'config')}"
         + (f" (axes: {', '.join(f'`{c}`' for c in by)})" if by else ""),
         "- outcomes: " + ", ".join(f"{name} {n}" for name, n in outcomes.items()),
         f"- dynamics from Parquet artifacts for {sources.get('parquet', 0)} runs, from the MLflow metric "
@@ -357,7 +362,7 @@ def markdown(report: Report, sources: dict[str, int]) -> str:
             "Gradient profile at initialization",
             "One line per config (geometric mean over seeds; band: lowest to highest seed). A line that "
             "falls toward layer 1 is a vanishing signal; ‖∂L/∂W‖ can stay flat while δ vanishes, because "
-            "the forward activations shrink at the same rate (see DESIGN.md).",
+            "the forward activations shrink at the same rate (see docs/design.md in the bpexp project).",
         ),
         "grad_heatmap": (
             "Weight gradients over training",
@@ -392,10 +397,10 @@ def markdown(report: Report, sources: dict[str, int]) -> str:
         "## In pandas",
         "",
         "```python",
-        "from bpexp import analysis",
-        f"runs = analysis.load_runs({sweep.experiment!r}, sweep={sweep.sweep_id!r}, "
+        "from bpexp import analysis, store",
+        f"runs = store.load_runs({sweep.experiment!r}, sweep={sweep.sweep_id!r}, "
         f"tracking_uri={sweep.tracking_uri!r})",
-        "summary = analysis.summarize(runs, analysis.load_dynamics(runs))",
+        "summary = analysis.summarize(runs, store.load_dynamics(runs))",
         'analysis.pivot(summary, "model.depth", "model.activation", "final_val_loss")',
         "```",
         "",
@@ -430,6 +435,9 @@ def configs_for_markdown(configs: pd.DataFrame) -> pd.DataFrame:
 
 def runs_for_markdown(runs: pd.DataFrame) -> pd.DataFrame:
     out = runs.copy()
+    if "diagnosis" in out:  # both states in one column: vanishing → healthy
+        out["diagnosis"] = analysis.diagnosis_states(out).to_numpy()
+        out = out.drop(columns="diagnosis_init", errors="ignore")
     out["run_id"] = out["run_id"].str[:8]
     for name in ("delta_log10_ratio_init", "grad_log10_ratio_init"):
         if name in out:
@@ -488,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     except LookupError as err:
         print(f"bpexp.report: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
-    print(f"report of sweep {report.sweep.sweep_id}: {len(report.runs)} runs, {len(report.configs)} configs")
+    runs, configs = count(len(report.runs), "run"), count(len(report.configs), "config")
+    print(f"report of sweep {report.sweep.sweep_id}: {runs}, {configs}")
     print(f"  {report.markdown}")
     for path in [*report.figures.values(), *report.tables.values()]:
         print(f"  {path}")

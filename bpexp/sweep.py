@@ -6,9 +6,11 @@
   the parent run before any job starts (jobs that start together would race on SQLite schema creation
   and on experiment creation), and at the end writes the sweep's summary on the parent: counts per
   outcome, the overrides, and `runs.csv` / `runs.parquet` (one row per child: params, final metrics).
-  The end comes also after a failed job (Hydra raises before on_multirun_end), Ctrl-C or SIGTERM: an
-  atexit hook then ends the children still RUNNING (a joblib worker killed by its pool cannot) and the
-  parent as KILLED.
+  The end comes also after a failed job or a launcher that failed to submit (Hydra raises before
+  on_multirun_end), Ctrl-C or SIGTERM: an atexit hook then ends the children still RUNNING (a joblib
+  worker killed by its pool cannot) and the parent as FAILED, or KILLED when interrupted. Its last line
+  on stdout counts this launch's jobs per outcome and per diagnosis and gives the command that reports
+  the sweep; the launchers' own INFO lines (`#n : …`, `Joblib.Parallel(…)`) are silenced.
 - each job's process (on_job_start, on_job_end): the same process for the basic launcher, a reused
   worker for joblib, another machine for submitit. The callback arrives there pickled with its state
   (`SweepState`, plain data). It resets the process (no active MLflow run, the MLFLOW_* variables as at
@@ -30,13 +32,12 @@ import logging
 import os
 import random
 import secrets
-import signal
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,11 +47,17 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from bpexp.config import ConfigError, TrackingBackend, TrackingConfig, config_hash, flatten
+from bpexp.console import outcomes_text, sweep_line
+from bpexp.lifecycle import sigterm_as_interrupt
+from bpexp.names import OUTCOMES, SWEEP_ROLE, Outcome, Tag, diagnosis_change
+from bpexp.store import default_tracking_uri, latest_runs, quote, search_all
 from bpexp.tracking import SWEEP_ENV, Tracker, check_reachable, resolve_uri
 
 log = logging.getLogger("bpexp.sweep")
-OUTCOMES = ("completed", "diverged", "failed", "killed")
 SWEEP_KEYS = ("sweep.", "+sweep.", "++sweep.")  # overrides that change how a sweep runs, not what it is
+# The launchers announce every job at INFO (`#3 : model.depth=8`, `Joblib.Parallel(…) is launching`):
+# the job line that train.main prints says the same, with the outcome.
+LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins")
 
 
 @dataclass
@@ -72,7 +79,7 @@ class SweepCallback(Callback):
         self.interrupted = False
         self.ended = False
         self.launched_ms = 0  # this launch's start: a resumed sweep also has children from earlier ones
-        self.previous_hooks: tuple[Any, Any] | None = None
+        self.hooks: ExitStack | None = None
         self.job_started_ms = 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -86,6 +93,8 @@ class SweepCallback(Callback):
     # The launching process
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        for name in LAUNCHER_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
         node = config.tracking  # only these keys: run_name may interpolate values of a job
         if node.backend != TrackingBackend.mlflow:  # tracking=none: no store, no parent
             return
@@ -105,10 +114,10 @@ class SweepCallback(Callback):
         if OmegaConf.select(config, "sweep.resume", default=False):
             parent = self.find_parent(experiment_id, key)
         if parent is not None:
-            sweep_id = parent.data.tags["bpexp.sweep"]
+            sweep_id = parent.data.tags[Tag.sweep]
             self.tracker.run_id = parent.info.run_id
             self.tracker.client.update_run(parent.info.run_id, status="RUNNING")
-            log.info("sweep %s resumed (parent run %s)", sweep_id, parent.info.run_id)
+            log.debug("sweep %s resumed (parent run %s)", sweep_id, parent.info.run_id)
         else:
             sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
             self.start_parent(config, sweep_id, key, overrides)
@@ -121,12 +130,12 @@ class SweepCallback(Callback):
             jobs=count_jobs(config, overrides),
         )
         self.install_hooks()
-        log.info("sweep %s: parent run %s in %s", sweep_id, self.tracker.run_id, uri)
+        log.debug("sweep %s: parent run %s in %s", sweep_id, self.tracker.run_id, uri)
 
     def find_parent(self, experiment_id: str, key: str) -> Any | None:
         runs = self.tracker.client.search_runs(
             [experiment_id],
-            f"tags.`bpexp.sweep_key` = '{key}'",
+            f"tags.`{Tag.sweep_key}` = '{key}'",
             max_results=1,
             order_by=["attributes.start_time DESC"],
         )
@@ -136,12 +145,7 @@ class SweepCallback(Callback):
         sweeper = OmegaConf.to_container(config.hydra.sweeper, resolve=False)
         launcher = OmegaConf.select(config, "hydra.launcher._target_", default="")
         command = " ".join(["python -m bpexp.train -m", *overrides])
-        tags = {
-            "bpexp.sweep": sweep_id,
-            "bpexp.sweep_key": key,
-            "bpexp.role": "sweep",
-            "mlflow.note.content": f"`{command}`",
-        }
+        tags = {Tag.sweep: sweep_id, Tag.sweep_key: key, Tag.role: SWEEP_ROLE, Tag.note: f"`{command}`"}
         params = {
             "sweep.overrides": " ".join(overrides)[:6000],
             "sweep.sweeper": sweeper.get("_target_", ""),
@@ -164,71 +168,65 @@ class SweepCallback(Callback):
             self.interrupted = self.interrupted or issubclass(kind, KeyboardInterrupt)
             previous_hook(kind, value, tb)
 
-        def interrupt(signum: int, frame: object) -> None:
+        def interrupted() -> None:
             self.interrupted = True
-            raise KeyboardInterrupt(f"signal {signum}")
 
-        previous_handler = None
-        if threading.current_thread() is threading.main_thread():
-            previous_handler = signal.signal(signal.SIGTERM, interrupt)
-        self.previous_hooks = (previous_hook, previous_handler)
+        self.hooks = ExitStack()
+        self.hooks.enter_context(sigterm_as_interrupt(on_signal=interrupted))
         sys.excepthook = excepthook
+        self.hooks.callback(setattr, sys, "excepthook", previous_hook)
         atexit.register(self.end_at_exit)
+        self.hooks.callback(atexit.unregister, self.end_at_exit)
 
     def remove_hooks(self) -> None:
-        if self.previous_hooks is None:
-            return
-        previous_hook, previous_handler = self.previous_hooks
-        sys.excepthook = previous_hook
-        if previous_handler is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, previous_handler)
-        atexit.unregister(self.end_at_exit)
-        self.previous_hooks = None
+        if self.hooks is not None:
+            self.hooks.close()
+            self.hooks = None
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if self.state is None:
             return
         self.remove_hooks()
-        if self.announce(self.end()):
+        if self.announce(self.end(completed=True)):
             sys.exit(1)  # also under a sweeper that carries on after failures (optuna's max_failure_rate)
 
     def end_at_exit(self) -> None:
-        """After a failed job (Hydra raised and exits 1), Ctrl-C or SIGTERM: on_multirun_end never ran."""
+        """After a failed job or launch (Hydra raised and exits 1), Ctrl-C or SIGTERM: on_multirun_end
+        never ran, so the sweep did not finish."""
         self.remove_hooks()
-        self.announce(self.end())
+        self.announce(self.end(completed=False))
 
     def announce(self, counts: Counter[str]) -> int:
         """Say on stderr how many jobs failed (or were killed); return that number."""
-        failed = counts.get("failed", 0) + counts.get("killed", 0)
+        failed = counts.get(Outcome.failed, 0) + counts.get(Outcome.killed, 0)
         if self.interrupted:
-            print(f"bpexp: sweep {self.state.sweep_id} interrupted: {describe(counts)}", file=sys.stderr)
+            print(f"bpexp: sweep {self.state.sweep_id} interrupted: {outcomes_text(counts)}", file=sys.stderr)
         elif failed:
             jobs = sum(counts.values())
             print(f"bpexp: sweep {self.state.sweep_id}: {failed} of {jobs} jobs failed", file=sys.stderr)
         return failed
 
-    def end(self) -> Counter[str]:
-        """Children left RUNNING end KILLED (or FAILED), then the summary, then the parent's status."""
+    def end(self, completed: bool) -> Counter[str]:
+        """Children left RUNNING end KILLED (or FAILED), then the summary, the parent's status, the last
+        line. `completed`: Hydra reached on_multirun_end (else a launch or a job raised, or a signal)."""
         if self.ended:
             return Counter()
         self.ended = True
-        client, state = self.tracker.client, self.state
-        children = self.children()
-        lost = "killed" if self.interrupted else "failed"  # a process that died with its run open
-        for run in children:
+        client = self.tracker.client
+        lost = Outcome.killed if self.interrupted else Outcome.failed  # a process that died with its run open
+        for run in self.children():
             if run.info.status == "RUNNING":
-                client.set_tag(run.info.run_id, "bpexp.outcome", lost)
+                client.set_tag(run.info.run_id, Tag.outcome, lost)
                 client.set_terminated(run.info.run_id, lost.upper())
         children = self.children()
-        latest: dict[str, Any] = {}  # a resumed sweep's job has a run per launch: the last one counts
-        for run in sorted(children, key=lambda r: r.info.start_time or 0):
-            latest[run.data.tags.get("bpexp.job", run.info.run_id)] = run
-        counts = Counter(run.data.tags.get("bpexp.outcome", "failed") for run in latest.values())
+        latest = latest_runs(children)  # a resumed sweep's job has a run per launch: the last one counts
+        counts = Counter(run.data.tags.get(Tag.outcome, Outcome.failed) for run in latest)
         metrics = {f"sweep/{outcome}": float(counts.get(outcome, 0)) for outcome in OUTCOMES}
         metrics["sweep/jobs"] = float(len(latest))
-        metrics["sweep/launched"] = float(sum(r.info.start_time >= self.launched_ms for r in children))
+        launched = [r for r in latest if r.info.start_time >= self.launched_ms]
+        metrics["sweep/launched"] = float(len(launched))
         self.tracker.log_metrics(metrics, step=0)
-        self.tracker.set_tags({"bpexp.summary": describe(counts)})
+        self.tracker.set_tags({Tag.summary: outcomes_text(counts)})
         with tempfile.TemporaryDirectory() as folder:
             table = runs_table(children)
             table.to_csv(Path(folder) / "runs.csv", index=False)
@@ -237,23 +235,33 @@ class SweepCallback(Callback):
             self.tracker.log_artifact(Path(folder) / "runs.parquet")
         if self.interrupted:
             status = "KILLED"
+        elif not completed or counts.get(Outcome.failed) or counts.get(Outcome.killed):
+            status = "FAILED"
         else:
-            status = "FAILED" if counts.get("failed") or counts.get("killed") else "FINISHED"
+            status = "FINISHED"
         self.tracker.end(status)
-        log.info("sweep %s %s: %s", state.sweep_id, status, describe(counts))
+        print(self.last_line(launched, len(latest)), flush=True)
         return counts
 
+    def last_line(self, launched: list[Any], jobs: int) -> str:
+        """This launch's jobs per outcome and diagnosis (a job skipped by sweep.resume ran nothing)."""
+        outcomes = Counter(r.data.tags.get(Tag.outcome, Outcome.failed) for r in launched)
+        diagnoses = [
+            diagnosis_change(r.data.tags.get(Tag.diagnosis_init), r.data.tags.get(Tag.diagnosis))
+            for r in launched
+            if r.data.tags.get(Tag.diagnosis)
+        ]
+        skipped = 0 if self.interrupted else max((self.state.jobs or jobs) - len(launched), 0)
+        command = f"python -m bpexp.report {self.state.sweep_id}"
+        if self.state.experiment != "bpexp":
+            command += f" --experiment {self.state.experiment}"
+        if self.state.uri != default_tracking_uri():
+            command += f" --tracking-uri {self.state.uri}"
+        return sweep_line(self.state.sweep_id, outcomes, diagnoses, skipped, command)
+
     def children(self) -> list[Any]:
-        client, state = self.tracker.client, self.state
-        experiment_id = self.tracker.experiment_id()
-        query = f"tags.`mlflow.parentRunId` = '{state.parent_run_id}'"
-        runs, token = [], None
-        while True:
-            page = client.search_runs([experiment_id], query, max_results=1000, page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token:
-                return runs
+        query = f"tags.`{Tag.parent}` = {quote(self.state.parent_run_id)}"
+        return search_all(self.tracker.client, [self.tracker.experiment_id()], query)
 
     # ---------------------------------------------------------------------------------------------
     # Each job's process
@@ -268,9 +276,9 @@ class SweepCallback(Callback):
             "parent_run_id": self.state.parent_run_id,
             "jobs": self.state.jobs,
             "tags": {
-                "bpexp.sweep": self.state.sweep_id,
-                "bpexp.job": str(config.hydra.job.num),
-                "bpexp.job_dir": str(config.hydra.runtime.output_dir),
+                Tag.sweep: self.state.sweep_id,
+                Tag.job: str(config.hydra.job.num),
+                Tag.job_dir: str(config.hydra.runtime.output_dir),
             },
         }
         os.environ[SWEEP_ENV] = json.dumps(link)
@@ -292,7 +300,7 @@ class SweepCallback(Callback):
         job_dir = str(config.hydra.runtime.output_dir)
         own = tracker.client.search_runs(
             [tracker.experiment_id()],
-            f"tags.`bpexp.job_dir` = '{job_dir}' and attributes.start_time >= {self.job_started_ms}",
+            f"tags.`{Tag.job_dir}` = {quote(job_dir)} and attributes.start_time >= {self.job_started_ms}",
             max_results=1,
         )
         if own:  # train() recorded it (FAILED, with traceback.txt)
@@ -302,15 +310,15 @@ class SweepCallback(Callback):
         except Exception as raised:
             error = raised
         tags = {
-            "bpexp.sweep": self.state.sweep_id,
-            "bpexp.job": str(config.hydra.job.num),
-            "bpexp.job_dir": job_dir,
-            "bpexp.outcome": "failed",
-            "bpexp.error": f"{type(error).__name__}: {error}"[:5000],
+            Tag.sweep: self.state.sweep_id,
+            Tag.job: str(config.hydra.job.num),
+            Tag.job_dir: job_dir,
+            Tag.outcome: Outcome.failed,
+            Tag.error: f"{type(error).__name__}: {error}"[:5000],
         }
         try:
             params = {k: v for k, v in flatten(job_return.cfg).items() if not k.startswith("sweep.")}
-            tags["bpexp.config_hash"] = config_hash(job_return.cfg)
+            tags[Tag.config_hash] = config_hash(job_return.cfg)
         except Exception:  # a config that does not even resolve (a missing value): its overrides say it
             params = {"overrides": " ".join(job_return.overrides)}
         tracker.start(f"sweep-{self.state.sweep_id}-job{config.hydra.job.num}", params, tags)
@@ -367,12 +375,6 @@ def reset_process(mlflow_env: dict[str, str], seed: int | None = None, threads: 
     torch.use_deterministic_algorithms(False)
 
 
-def describe(counts: Counter[str]) -> str:
-    """'6 jobs: 4 completed, 1 diverged, 1 failed'."""
-    parts = [f"{counts[o]} {o}" for o in OUTCOMES if counts.get(o)]
-    return f"{sum(counts.values())} jobs: {', '.join(parts) or 'none'}"
-
-
 def runs_table(runs: list[Any]) -> Any:
     """One row per child: run info, the bpexp tags, every param (dotted key), every final metric."""
     import pandas as pd
@@ -387,8 +389,8 @@ def runs_table(runs: list[Any]) -> Any:
             "start_time": run.info.start_time,
             "end_time": run.info.end_time,
         }
-        for key in ("outcome", "diagnosis", "config_hash", "job", "job_dir"):
-            row[key] = tags.get(f"bpexp.{key}")
+        for tag in (Tag.outcome, Tag.diagnosis, Tag.config_hash, Tag.job, Tag.job_dir):
+            row[tag.removeprefix("bpexp.")] = tags.get(tag)
         row.update(run.data.params)
         row.update(run.data.metrics)
         rows.append(row)

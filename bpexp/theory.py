@@ -36,7 +36,7 @@ Traps this module is built around (each has bitten a measurement before):
   −1.1 decades where −2.7 is predicted (width 1024 closes most of the gap). ReLU's χ1 does not depend
   on q, so its δ prediction is immune to this, but its seed-to-seed spread grows like depth/width.
 
-Layers are numbered l = 1 … L as in DESIGN.md (L = depth + 1 Linear layers; layer L is the linear output
+Layers are numbered l = 1 … L as in docs/design.md (L = depth + 1 Linear layers; layer L is the linear output
 layer, so δ^(L) is where backprop starts and every predicted δ norm is relative to it).
 """
 

@@ -29,6 +29,10 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # opens
 for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
+# MLflow prints "🏃 View run … at: <link>" when a run on a server ends: the summary and the job lines
+# already give the link (with the workflowType the UI needs); unset it to see MLflow's again.
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 SWEEP_ENV = "BPEXP_SWEEP"  # set by bpexp/sweep.py around each job of a sweep, removed after it
 
 

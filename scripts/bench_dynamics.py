@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bpexp.analysis import load_dynamics, load_runs, local_artifact_dir
+from bpexp.store import load_dynamics, load_runs, local_artifact_dir
 
 QUANTITIES = ["grad_norm", "grad_norm_b", "delta_norm", "weight_norm", "update_ratio", "act_mean", "act_std"]
 EXPERIMENT = "bench-dynamics"

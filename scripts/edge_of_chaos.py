@@ -61,9 +61,9 @@ def measured_delta_log10(cfg: ModelConfig, batch: int, seed: int) -> np.ndarray:
     model = build_mlp(cfg, cfg.width, 1).double()
     x = torch.randn(batch, cfg.width, dtype=torch.float64)  # in_dim = width, mean(x²) ≈ 1
     y = torch.randn(batch, 1, dtype=torch.float64)
-    model.keep_z = True
-    torch.nn.functional.mse_loss(model(x), y).backward()
-    return np.log10([z.grad.norm().item() for z in model.z])
+    out, zs, _ = model.trace(x)
+    torch.nn.functional.mse_loss(out, y).backward()
+    return np.log10([z.grad.norm().item() for z in zs])
 
 
 def main(argv: list[str] | None = None) -> None:

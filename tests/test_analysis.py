@@ -13,22 +13,19 @@ import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
 
-from bpexp import analysis
+from bpexp import store
 from bpexp.analysis import (
     aggregate,
     bootstrap_ci,
     config_columns,
     config_label,
-    load_dynamics,
-    load_runs,
-    local_artifact_dir,
-    parse_param,
     pivot,
-    profile,
     profiles,
     rank_configs,
     summarize,
 )
+from bpexp.names import profile, split_key
+from bpexp.store import load_dynamics, load_runs, local_artifact_dir, parse_param
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,7 +73,7 @@ def test_param_columns_take_the_narrowest_dtype():
         },
         dtype=object,
     )
-    typed = analysis.typed_params(raw)
+    typed = store.typed_params(raw)
     assert str(typed["model.depth"].dtype) == "Int64" and typed["model.depth"].tolist()[:2] == [2, 8]
     assert typed["model.depth"].isna().tolist() == [False, False, True]
     assert typed["optim.lr"].dtype == np.float64 and typed["optim.lr"].tolist() == [0.1, 1.0, 1e-05]
@@ -337,8 +334,8 @@ def hand_store(tmp_path):
     dyn = pd.DataFrame(
         {
             "step": pd.array([s for _, s, _ in series], dtype="int64"),
-            "layer": pd.array([analysis.split_key(k)[1] for k, _, _ in series], dtype="Int64"),
-            "quantity": pd.array([analysis.split_key(k)[0] for k, _, _ in series], dtype="string"),
+            "layer": pd.array([split_key(k)[1] for k, _, _ in series], dtype="Int64"),
+            "quantity": pd.array([split_key(k)[0] for k, _, _ in series], dtype="string"),
             "value": [v for _, _, v in series],
         }
     )
@@ -404,16 +401,16 @@ def test_a_relaunched_job_counts_once():
         return SimpleNamespace(info=SimpleNamespace(run_id=run_id), data=SimpleNamespace(tags=tags))
 
     runs = [run("a", "0"), run("b", "1"), run("c", "0"), run("d", None), run("e", None), run("f", "0", "s2")]
-    assert [r.info.run_id for r in analysis.latest_runs(runs)] == ["b", "c", "d", "e", "f"]
+    assert [r.info.run_id for r in store.latest_runs(runs)] == ["b", "c", "d", "e", "f"]
 
 
 def test_find_sweep_by_id_parent_or_latest(hand_store):
     uri, parent, ids, _ = hand_store
     for ref in ("s1", parent, "latest", ids["history"]):
-        sweep = analysis.find_sweep(ref, tracking_uri=uri)
+        sweep = store.find_sweep(ref, tracking_uri=uri)
         assert (sweep.sweep_id, sweep.parent_run_id) == ("s1", parent)
     with pytest.raises(LookupError, match="sweeps there: s1"):
-        analysis.find_sweep("s2", tracking_uri=uri)
+        store.find_sweep("s2", tracking_uri=uri)
 
 
 def test_load_dynamics_reads_parquet_and_falls_back_to_metric_history(hand_store):
@@ -476,4 +473,10 @@ def test_analysis_and_report_import_no_training_code():
         "'bpexp.data') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    pure = (  # the statistics read DataFrames only: no store, no MLflow
+        "import sys, bpexp.analysis; bad = [m for m in ('bpexp.store', 'mlflow', 'torch') "
+        "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)"
+    )
+    done = subprocess.run([sys.executable, "-c", pure], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout + done.stderr

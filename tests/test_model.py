@@ -58,13 +58,13 @@ def test_shapes_layers_and_kept_pre_activations():
     net = build_mlp(ModelConfig(depth=3, width=8, activation=Activation.tanh, norm=Norm.layernorm), 5, 2)
     assert net.n_layers == 4
     assert [tuple(l.weight.shape) for l in net.linears] == [(8, 5), (8, 8), (8, 8), (2, 8)]
-    net.keep_z = True
-    out = net(torch.randn(7, 5))
-    assert [tuple(z.shape) for z in net.z] == [(7, 8)] * 3 + [(7, 2)] and net.z[-1] is out
-    assert len(net.a) == 3 and torch.allclose(net.a[0], torch.tanh(net.norms[0](net.z[0])))
-    net.keep_z, net.z, net.a = False, [], []
-    net(torch.randn(7, 5))
-    assert net.z == [] and net.a == []  # off probe steps nothing is kept
+    x = torch.randn(7, 5)
+    out, zs, acts = net.trace(x)
+    assert [tuple(z.shape) for z in zs] == [(7, 8)] * 3 + [(7, 2)] and zs[-1] is out
+    assert len(acts) == 3 and torch.allclose(acts[0], torch.tanh(net.norms[0](zs[0])))
+    assert torch.equal(net(x), out)  # forward computes the same, keeping nothing
+    out.sum().backward()
+    assert all(z.grad is not None for z in zs)  # δ^(l) = ∂L/∂z^(l) retained for the probes
 
 
 def test_residual_adds_the_previous_activation():

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from bpexp.config import Activation, Init, ModelConfig
 from bpexp.model import build_mlp
-from bpexp.probes import Dynamics, Probes, diagnose, layer_key, profile, split_key
+from bpexp.names import layer_key, profile, split_key
+from bpexp.probes import Dynamics, Probes, diagnose
 
 
 def probed_step(cfg: ModelConfig, x, y, lr=0.1, dtype=torch.float64):
@@ -15,10 +16,10 @@ def probed_step(cfg: ModelConfig, x, y, lr=0.1, dtype=torch.float64):
     torch.manual_seed(0)
     net = build_mlp(cfg, x.shape[1], y.shape[1]).to(dtype)
     probes = Probes(net, every=1)
-    net.keep_z = True
-    loss = F.mse_loss(net(x), y)
+    out, zs, acts = net.trace(x)
+    loss = F.mse_loss(out, y)
     loss.backward()
-    probes.read([z.grad for z in net.z], [*net.a, net.z[-1].detach()], {"train/loss": loss})
+    probes.read([z.grad for z in zs], [*acts, out.detach()], {"train/loss": loss})
     grads = [l.weight.grad.clone() for l in net.linears]
     before = [l.weight.detach().clone() for l in net.linears]
     torch.optim.SGD(net.parameters(), lr=lr).step()
@@ -70,10 +71,10 @@ def test_float32_gradients_below_1e_19_do_not_vanish_to_zero():
     cfg = ModelConfig(depth=1, width=3, init=Init.lecun_normal)
     net = build_mlp(cfg, 3, 1)
     probes = Probes(net, every=1)
-    net.keep_z = True
-    F.mse_loss(net(x), y).mul(1e-25).backward()
+    out, zs, acts = net.trace(x)
+    F.mse_loss(out, y).mul(1e-25).backward()
     assert net.linears[0].weight.grad.norm() == 0  # float32's own norm loses it
-    probes.read([z.grad for z in net.z], [*net.a, net.z[-1].detach()], {})
+    probes.read([z.grad for z in zs], [*acts, out.detach()], {})
     m = probes.collect(stepped=False)
     assert 1e-30 < m[layer_key("grad_norm", 1)] < 1e-20
     assert "update_ratio/l001" not in m
@@ -87,9 +88,9 @@ def test_dead_and_saturated_units():
     with torch.no_grad():
         net.linears[1].bias.fill_(-100.0)  # layer 2 can never fire
     probes = Probes(net, every=1)
-    net.keep_z = True
-    net(x).sum().backward()
-    probes.read([z.grad for z in net.z], [*net.a, net.z[-1].detach()], {})
+    out, zs, acts = net.trace(x)
+    out.sum().backward()
+    probes.read([z.grad for z in zs], [*acts, out.detach()], {})
     m = probes.collect(stepped=False)
     assert m["dead/l002"] == 1.0 and m["dead/l001"] < 1.0
     assert diagnose(m) == "dead_units"
@@ -97,11 +98,31 @@ def test_dead_and_saturated_units():
     sig = ModelConfig(depth=2, width=5, activation=Activation.sigmoid, init=Init.normal, init_std=30.0)
     net = build_mlp(sig, 4, 1).to(torch.float64)
     probes = Probes(net, every=1)
-    net.keep_z = True
-    net(x).sum().backward()
-    probes.read([z.grad for z in net.z], [*net.a, net.z[-1].detach()], {})
+    out, zs, acts = net.trace(x)
+    out.sum().backward()
+    probes.read([z.grad for z in zs], [*acts, out.detach()], {})
     m = probes.collect(stepped=False)
     assert m["saturation/l001"] > 0.8 and "dead/l001" not in m
+
+
+@pytest.mark.parametrize(
+    "activation", [Activation.elu, Activation.selu, Activation.gelu, Activation.leaky_relu]
+)
+def test_units_at_or_below_zero_are_dead_only_for_relu(activation):
+    """elu, selu, gelu and leaky_relu pass gradient below 0: their share at ≤ 0 is `nonpositive`."""
+    x = torch.randn(32, 4, dtype=torch.float64)
+    torch.manual_seed(0)
+    net = build_mlp(ModelConfig(depth=2, width=5, activation=activation, init=Init.lecun_normal), 4, 1)
+    net = net.to(torch.float64)
+    with torch.no_grad():
+        net.linears[1].bias.fill_(-100.0)  # layer 2 is below 0 on the whole batch
+    probes = Probes(net, every=1)
+    out, zs, acts = net.trace(x)
+    out.sum().backward()
+    probes.read([z.grad for z in zs], [*acts, out.detach()], {})
+    m = probes.collect(stepped=False)
+    assert m["nonpositive/l002"] == 1.0 and not any(k.startswith("dead/") for k in m)
+    assert diagnose(m) != "dead_units"
 
 
 def test_profile_ratio_and_slope_by_hand():
@@ -119,6 +140,8 @@ def test_profile_ratio_and_slope_by_hand():
         ({"delta/log10_ratio": -0.3, "dead/l001": 0.1, "dead/l002": 0.7}, "dead_units"),
         ({"delta/log10_ratio": 0.0, "saturation/l001": 0.9, "saturation/l002": 0.6}, "saturated"),
         ({"delta/log10_ratio": -1.0, "saturation/l001": 0.1}, "healthy"),
+        ({"train/loss": 0.3, "val/loss": 0.4}, "unprobed"),  # probes off: no evidence, not "healthy"
+        ({"delta/log10_ratio": -0.3, "nonpositive/l001": 1.0}, "healthy"),  # elu units at ≤ 0 still learn
     ],
 )
 def test_diagnose(metrics, word):

@@ -27,9 +27,8 @@ def test_a_terminal_gets_one_line_redrawn_in_place():
         bar.update(step, δ="10^-0.3")
     bar.close()
     text = out.getvalue()
-    assert (
-        text.count("\r") == 50
-    )  # one redraw per update; close only ends the line and text.endswith("\n") and text.count("\n") == 1
+    assert text.count("\r") == 50  # one redraw per update
+    assert text.endswith("\n") and text.count("\n") == 1  # close only ends the line
     assert "█" * 20 in text and "50/50 steps" in text and "δ 10^-0.3" in text
 
 

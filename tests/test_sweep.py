@@ -145,8 +145,15 @@ def test_a_reused_worker_gets_back_the_launch_environment(monkeypatch):
 def test_config_hash_names_what_a_run_computes():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         base = compose("train", overrides=["model.depth=3"])
-        moved = compose(
-            "train", overrides=["model.depth=3", "tracking.uri=sqlite:////a.db", "sweep.resume=true"]
+        moved = compose(  # where it is recorded, how it is launched, how many threads: not the experiment
+            "train",
+            overrides=[
+                "model.depth=3",
+                "tracking.uri=sqlite:////a.db",
+                "sweep.resume=true",
+                "train.threads=2",
+                "device=cpu",
+            ],
         )
         other = compose("train", overrides=["model.depth=4"])
     assert config_hash(base) == config_hash(moved) == config_hash(to_config(base))
@@ -165,14 +172,26 @@ STUDIES = {
 }
 
 
+def dotted(node: dict, prefix: str = "") -> list[tuple[str, object]]:
+    pairs = []
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        pairs += dotted(value, f"{path}.") if isinstance(value, dict) else [(path, value)]
+    return pairs
+
+
 @pytest.mark.parametrize("name", sorted(STUDIES))
 def test_every_study_preset_is_global_holds_its_command_and_sweeps_the_whole_study(name):
     text = (CONF / "experiment" / f"{name}.yaml").read_text()
     lines = text.splitlines()
     assert lines[0] == "# @package _global_"
     assert lines[1].startswith(f"# python -m bpexp.train -m experiment={name}")
-    assert sum(line.lstrip().startswith("#") for line in lines) == 2  # only what changes, and the command
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        base = flatten(compose("train"))
+        preset = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{name}.yaml"), resolve=False)
+        for key, value in dotted(preset):  # a preset holds only what changes
+            if not key.startswith(("hydra.", "defaults")):
+                assert base.get(key) != value, f"{name}.yaml sets {key}={value!r}, already the default"
         cfg = compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
         sweeper = cfg.hydra.sweeper
         if "optuna" in sweeper._target_:
@@ -268,8 +287,8 @@ def test_sigterm_mid_sweep_leaves_nothing_running_and_resume_runs_only_the_rest(
     store = f"sqlite:///{tmp_path}/mlflow.db"
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
     args = ["experiment=ok0,slow,ok1,ok2", *extra]
-    proc = subprocess.Popen(
-        sweep_command(tmp_path, *args),
+    proc = subprocess.Popen(  # hydra.verbose: the debug line that says a run exists
+        sweep_command(tmp_path, *args, "hydra.verbose=bpexp.train"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -292,9 +311,10 @@ def test_sigterm_mid_sweep_leaves_nothing_running_and_resume_runs_only_the_rest(
     # The same command with sweep.resume=true: the same parent, and runs for what was not FINISHED only.
     done = run_sweep(tmp_path, *args, "sweep.resume=true")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("skipped (sweep.resume)") + done.stderr.count("skipped (sweep.resume)") == len(
-        finished
-    )
+    assert done.stdout.count("skipped (sweep.resume") == len(finished)
+    last = done.stdout.splitlines()[-1]  # this launch: what ran, what was skipped, the report command
+    assert f"{4 - len(finished)} completed" in last and "Report: python -m bpexp.report" in last
+    assert (f"; {len(finished)} skipped." in last) == bool(finished)
     parent_after, children_after = split(all_runs(store))
     assert parent_after.info.run_id == parent.info.run_id and parent_after.info.status == "FINISHED"
     before = {r.info.run_id for r in children}

@@ -14,6 +14,8 @@ from conftest import cli, cli_env
 from mlflow.tracking import MlflowClient
 from torch import nn
 
+from bpexp.names import diagnosis_change
+
 pytestmark = pytest.mark.slow
 
 
@@ -54,7 +56,9 @@ def test_a_pipe_gets_plain_lines_and_the_summary_holds_the_runs_numbers(tmp_path
     run = MlflowClient(store).search_runs(["1"])[0]
     m = run.data.metrics
     out = done.stdout
-    assert f"({run.info.run_id}): completed, {run.data.tags['bpexp.diagnosis']}" in out
+    tags = run.data.tags  # both states: at initialization → at the end (one word when they agree)
+    state = diagnosis_change(tags["bpexp.diagnosis_init"], tags["bpexp.diagnosis"])
+    assert f"({run.info.run_id}): completed, {state}" in out
     assert f"val/loss {m['val/loss']:.4g}" in out and f"val/acc {m['val/acc']:.4g}" in out
     assert f"10^{m['delta/log10_ratio']:+.2f} after training" in out
     assert f"theory 10^{m['theory/delta_log10_ratio']:+.2f}" in out

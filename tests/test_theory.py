@@ -250,9 +250,9 @@ def measured_delta_log10(cfg: ModelConfig, seeds=SEEDS) -> np.ndarray:
         model = build_mlp(cfg, cfg.width, 1).double()
         x = torch.randn(BATCH, cfg.width, dtype=torch.float64)
         y = torch.randn(BATCH, 1, dtype=torch.float64)
-        model.keep_z = True
-        torch.nn.functional.mse_loss(model(x), y).backward()
-        norms = np.array([z.grad.norm().item() for z in model.z])
+        out, zs, _ = model.trace(x)
+        torch.nn.functional.mse_loss(out, y).backward()
+        norms = np.array([z.grad.norm().item() for z in zs])
         rows.append(np.log10(norms) - np.log10(norms[-1]))
     return np.mean(rows, axis=0)
 
