@@ -207,7 +207,10 @@ def bars_with_ci(
     if log or (log is None and decades_apart(table[f"{y}_mean"])):
         ax.set_yscale("log")
     names = [str(v) for v in slots]
-    slant = sum(map(len, names)) > 60  # so that long labels do not run into each other
+    if sum(map(len, names)) > 60:  # long labels would run into each other: one part ('init=…') a line
+        names = [name.replace(" ", "\n") for name in names]
+    widest = max((len(part) for name in names for part in name.split("\n")), default=0)
+    slant = widest * len(names) > 90
     ax.set_xticks(range(len(names)), names, rotation=30 if slant else 0, ha="right" if slant else "center")
     ax.set_xlabel(x)
     ax.set_ylabel(ylabel or y)

@@ -287,7 +287,10 @@ def config_bars_figure(summary: pd.DataFrame, columns: list[str]) -> plt.Figure:
     if left.get_legend():
         left.get_legend().set_title(legend_title(hue_columns))
     for ax in (left, right):
-        ax.set_xlabel(legend_title(x_columns) or "")
+        ax.set_xlabel(legend_title(x_columns) or "config")
+    if len(x_columns) > 1:  # whole labels: too long to repeat on the narrow panel
+        right.tick_params(labelbottom=False)
+        right.set_xlabel("config, in the order on the left")
     return fig
 
 
@@ -300,7 +303,8 @@ def label_values(table: pd.DataFrame, columns: list[str]) -> np.ndarray:
 
 
 def legend_title(columns: list[str]) -> str | None:
-    return ", ".join(analysis.short_name(c) for c in columns) or None
+    """The column a legend's or an axis's bare values belong to; None when the labels name their own."""
+    return analysis.short_name(columns[0]) if len(columns) == 1 else None
 
 
 def update_ratio_figure(
@@ -421,8 +425,9 @@ def markdown(report: Report, sources: dict[str, int]) -> str:
             "cover the diagnoses; `--show` picks others), each on its own colour scale.",
         ),
         "loss_vs_depth": (
-            "Final loss against depth",
-            "Mean over seeds with 95% bootstrap confidence bands (none for a single seed); diverged runs "
+            "Final loss",
+            "Against depth when the sweep varies depth, else one bar per config (dots: its runs). Mean "
+            "over seeds with its 95% bootstrap confidence interval (none for a single seed); diverged runs "
             "are left out of the loss and counted on the right.",
         ),
         "update_ratio": (

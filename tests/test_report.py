@@ -230,3 +230,12 @@ def test_heatmap_panels_are_titled_by_the_swept_values():
         "init=kaiming_normal optim=momentum seed=0\ncompleted, healthy",
         "init=normal optim=momentum seed=0\ncompleted, healthy",
     ]
+
+
+def test_configs_that_do_not_form_a_grid_get_one_bar_each():
+    summary = he_init_summary()
+    summary = summary[~((summary["model.init"] == "normal") & (summary["optim.name"] == "adam"))]
+    left = report.loss_depth_figure(summary, analysis.config_columns(summary)).axes[0]
+    ticks = [t.get_text().replace("\n", " ") for t in left.get_xticklabels()]
+    assert len(left.patches) == 7 and sorted(ticks) == sorted(set(summary["config"]))
+    assert "init=normal optim=momentum" in ticks and left.get_legend() is None
