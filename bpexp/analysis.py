@@ -52,11 +52,12 @@ def config_columns(frame: pd.DataFrame) -> list[str]:
 
 
 def config_label(frame: pd.DataFrame, columns: Sequence[str] | None = None) -> pd.Series:
-    """'depth=8 activation=tanh' per row: the last part of each dotted key, unless two would clash."""
-    columns = list(config_columns(frame) if columns is None else columns)
+    """'depth=8 activation=tanh optim=adam' per row, from the label_columns of `columns` (default:
+    config_columns): the last part of each dotted key (the group for `<group>.name`), unless two clash."""
+    columns = label_columns(frame, config_columns(frame) if columns is None else columns)
     if not columns:
         return pd.Series("all runs", index=frame.index, dtype=object)
-    short = [c.rsplit(".", 1)[-1] for c in columns]
+    short = [short_name(c) for c in columns]
     names = short if len(set(short)) == len(short) else columns
     parts = [
         frame[c].map(lambda v, n=n: f"{n}={format_value(v)}") for c, n in zip(columns, names, strict=True)
@@ -65,6 +66,31 @@ def config_label(frame: pd.DataFrame, columns: Sequence[str] | None = None) -> p
     for part in parts[1:]:
         label = label + " " + part.astype(object)
     return label
+
+
+def short_name(column: str) -> str:
+    """'model.depth' -> 'depth'; 'optim.name' -> 'optim' (the option chosen for the group)."""
+    group, _, key = column.rpartition(".")
+    return group.rsplit(".", 1)[-1] if key == "name" and group else key
+
+
+def label_columns(frame: pd.DataFrame, columns: Sequence[str]) -> list[str]:
+    """The columns a label needs: `columns` less those that another one fixes. Sweeping `optim=momentum,adam`
+    varies optim.name, optim.lr and optim.momentum together; each optimizer's lr follows from its name,
+    so the label says `optim=adam`, not `name=adam lr=0.001`. Group choices (`*.name`) are kept first. A
+    column whose every value is its own config (a search over η) fixes nothing and stays alone."""
+    configs = frame[list(columns)].drop_duplicates()
+    kept: list[str] = []
+    for column in sorted(columns, key=lambda c: not c.endswith(".name")):  # stable sort
+        fixed_by = [
+            k
+            for k in kept
+            if configs[k].nunique(dropna=False) < len(configs)
+            and (configs.groupby(k, dropna=False)[column].nunique(dropna=False) <= 1).all()
+        ]
+        if not fixed_by:
+            kept.append(column)
+    return [c for c in columns if c in kept]
 
 
 def format_value(value: Any) -> str:

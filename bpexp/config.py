@@ -287,7 +287,11 @@ class Config:
 
 
 def register() -> None:
-    """Store the schemas under base_* names; each YAML names its schema first in its defaults list."""
+    """Store the schemas under base_* names; each YAML names its schema first in its defaults list.
+
+    The group schemas sit at the root (a YAML extends one with ``- /base_model@_here_``), not in their
+    groups: there `model=base_model` would be an option that composes (with the schema's defaults), and
+    shell completion and --help would offer it."""
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for group, node in [
@@ -297,7 +301,7 @@ def register() -> None:
         ("probes", ProbesConfig),
         ("tracking", TrackingConfig),
     ]:
-        cs.store(group=group, name=f"base_{group}", node=node)
+        cs.store(name=f"base_{group}", node=node)
 
 
 def to_config(cfg: DictConfig) -> Config:

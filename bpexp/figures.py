@@ -172,6 +172,54 @@ def lines_with_bands(
     return ax
 
 
+def bars_with_ci(
+    table: pd.DataFrame,
+    x: str,
+    y: str,
+    hue: str | None = None,
+    runs: pd.DataFrame | None = None,
+    ax: Axes | None = None,
+    log: bool | None = None,
+    ylabel: str = "",
+) -> Axes:
+    """`<y>_mean` per x value as bars (side by side per hue value) with `<y>_lo` to `<y>_hi` (a CI) as
+    error bars; `runs` (columns x, hue and y, one row per run) adds every run as a dot on its bar, the
+    spread over seeds. x and hue values are drawn as text, in the table's order."""
+    ax = ax or plt.gca()
+    slots = {value: i for i, value in enumerate(dict.fromkeys(table[x]))}
+    hues = list(dict.fromkeys(table[hue])) if hue else [None]
+    width = 0.8 / len(hues)
+    for i, name in enumerate(hues):
+        rows = table if hue is None else table[table[hue] == name]
+        at = rows[x].map(slots).to_numpy(dtype=np.float64) - 0.4 + width * (i + 0.5)
+        mean = rows[f"{y}_mean"].to_numpy(dtype=np.float64)
+        spread = np.vstack([mean - rows[f"{y}_lo"], rows[f"{y}_hi"] - mean])  # NaN (one run): no bar
+        color = plt.cm.tab10(i % 10)
+        label = None if hue is None else str(name)
+        ax.bar(at, mean, width * 0.9, color=color, alpha=0.7, label=label)
+        ax.errorbar(at, mean, yerr=np.nan_to_num(spread.clip(min=0)), fmt="none", ecolor="dimgray", capsize=4)
+        if runs is not None:
+            dots = runs if hue is None else runs[runs[hue] == name]
+            offset = width * (i + 0.5) - 0.4
+            ax.scatter(
+                dots[x].map(slots) + offset, dots[y], s=16, color="black", edgecolor="white", lw=0.5, zorder=3
+            )
+    if log or (log is None and decades_apart(table[f"{y}_mean"])):
+        ax.set_yscale("log")
+    names = [str(v) for v in slots]
+    if sum(map(len, names)) > 60:  # long labels would run into each other: one part ('init=…') a line
+        names = [name.replace(" ", "\n") for name in names]
+    widest = max((len(part) for name in names for part in name.split("\n")), default=0)
+    slant = widest * len(names) > 90
+    ax.set_xticks(range(len(names)), names, rotation=30 if slant else 0, ha="right" if slant else "center")
+    ax.set_xlabel(x)
+    ax.set_ylabel(ylabel or y)
+    ax.grid(True, axis="y", which="major", alpha=0.3)
+    if hue:
+        ax.legend(fontsize="small", title=hue)
+    return ax
+
+
 def layer_lines(
     dynamics: pd.DataFrame, quantity: str = "update_ratio", ax: Axes | None = None, ylabel: str = ""
 ) -> Axes:

@@ -30,6 +30,7 @@ from matplotlib.ticker import MaxNLocator
 from bpexp import analysis, store
 from bpexp.console import count
 from bpexp.figures import (
+    bars_with_ci,
     config_profiles,
     layer_lines,
     layer_step_heatmap,
@@ -215,25 +216,31 @@ def heatmap_figure(summary: pd.DataFrame, dynamics: pd.DataFrame, run_ids: list[
         return None
     fig, axes = grid(len(runs), width=6.2, height=3.8)
     names = summary.set_index("run_id")
+    seeds = "seed" in summary and summary["seed"].nunique() > 1
     for ax, run_id in zip(axes, runs, strict=False):
         layer_step_heatmap(rows[rows["run_id"] == run_id], "grad_norm", ax=ax, label=f"log10 {GRAD}")
-        ax.set_title(run_title(names.loc[run_id]), fontsize="medium")
+        ax.set_title(run_title(names.loc[run_id], seeds), fontsize="medium")
     fig.suptitle(f"log10 {GRAD} by layer and probe step (colour scale per run; blank: not finite)")
     return fig
 
 
 def loss_depth_figure(summary: pd.DataFrame, by: list[str]) -> plt.Figure | None:
-    """Final validation loss against depth, one line per other config (activation …), mean over seeds
-    with its 95% bootstrap CI; next to it the share of runs that diverged."""
-    x = "model.depth"
-    if x not in summary or summary[x].isna().all():
+    """Final validation loss of each swept config, mean over seeds with its 95% bootstrap CI, next to
+    the share of runs that diverged: against depth when the sweep varies depth (one line per other
+    config), else as bars per config with every run a dot (the spread over seeds)."""
+    if "model.depth" not in summary or summary["model.depth"].isna().all():
         return None
-    hue_columns = [c for c in by if c != x]
+    columns = analysis.label_columns(summary, by)  # the swept values only: optim, not its lr
+    if "model.depth" in columns:
+        return depth_lines_figure(summary, columns)
+    return config_bars_figure(summary, columns)
+
+
+def depth_lines_figure(summary: pd.DataFrame, columns: list[str]) -> plt.Figure:
+    x = "model.depth"
+    hue_columns = [c for c in columns if c != x]
     table = analysis.aggregate(summary, [x, *hue_columns], ["final_val_loss"])
-    if len(hue_columns) == 1:  # the legend's title names the column; the entries need only its values
-        table["hue"] = table[hue_columns[0]].map(analysis.format_value)
-    else:
-        table["hue"] = analysis.config_label(table, hue_columns).to_numpy() if hue_columns else "all runs"
+    table["hue"] = label_values(table, hue_columns)
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), width_ratios=[3, 2], constrained_layout=True)
     lines_with_bands(table, x, "final_val_loss", hue="hue", ax=left, ylabel="final validation loss")
     left.set_title("final validation loss: mean over seeds, 95% bootstrap CI\n(runs that diverged left out)")
@@ -250,8 +257,57 @@ def loss_depth_figure(summary: pd.DataFrame, by: list[str]) -> plt.Figure | None
     right.set_title("share of runs that diverged")
     right.grid(True, alpha=0.3)
     if left.get_legend():
-        left.get_legend().set_title(", ".join(c.rsplit(".", 1)[-1] for c in hue_columns) or None)
+        left.get_legend().set_title(legend_title(hue_columns))
     return fig
+
+
+def config_bars_figure(summary: pd.DataFrame, columns: list[str]) -> plt.Figure:
+    """Depth is fixed: one bar per config. With two or more swept axes that form a full grid, the first
+    is the x axis and the others the colour (init × optimizer: four groups of two bars)."""
+    table = analysis.aggregate(summary, columns, ["final_val_loss"])
+    x_columns, hue_columns = columns[:1], columns[1:]
+    n_x = table[x_columns].drop_duplicates().shape[0] if x_columns else 1
+    if not hue_columns or n_x * table[hue_columns].drop_duplicates().shape[0] != len(table):
+        x_columns, hue_columns = columns, []  # not a grid: one bar per config, the whole label below it
+    runs = summary.assign(x=label_values(summary, x_columns), hue=label_values(summary, hue_columns))
+    table = table.assign(x=label_values(table, x_columns), hue=label_values(table, hue_columns))
+    hue = "hue" if hue_columns else None
+    depth = ", ".join(analysis.format_value(d) for d in summary["model.depth"].dropna().unique())
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), width_ratios=[3, 2], constrained_layout=True)
+    bars_with_ci(table, "x", "final_val_loss", hue=hue, runs=runs, ax=left, ylabel="final validation loss")
+    left.set_title(
+        f"final validation loss at depth {depth}: mean over seeds, 95% bootstrap CI, dots: runs\n"
+        "(runs that diverged left out)"
+    )
+    shares = table.assign(share_mean=100 * table["share_diverged"], share_lo=np.nan, share_hi=np.nan)
+    bars_with_ci(shares, "x", "share", hue=hue, ax=right, log=False, ylabel="runs diverged (%)")
+    right.set_ylim(0, 105)
+    right.set_title("share of runs that diverged")
+    if not table["share_diverged"].any():
+        right.text(0.5, 0.5, "no run diverged", transform=right.transAxes, ha="center", color="dimgray")
+    if right.get_legend():
+        right.get_legend().remove()  # the same colours as on the left
+    if left.get_legend():
+        left.get_legend().set_title(legend_title(hue_columns))
+    for ax in (left, right):
+        ax.set_xlabel(legend_title(x_columns) or "config")
+    if len(x_columns) > 1:  # whole labels: too long to repeat on the narrow panel
+        right.tick_params(labelbottom=False)
+        right.set_xlabel("config, in the order on the left")
+    return fig
+
+
+def label_values(table: pd.DataFrame, columns: list[str]) -> np.ndarray:
+    """Per row, the values of `columns` as text: 'tanh' for one column (the axis or legend title names
+    it), 'activation=tanh init=he' for more; 'all runs' for none."""
+    if len(columns) == 1:
+        return table[columns[0]].map(analysis.format_value).to_numpy()
+    return analysis.config_label(table, columns).to_numpy()
+
+
+def legend_title(columns: list[str]) -> str | None:
+    """The column a legend's or an axis's bare values belong to; None when the labels name their own."""
+    return analysis.short_name(columns[0]) if len(columns) == 1 else None
 
 
 def update_ratio_figure(
@@ -265,10 +321,11 @@ def update_ratio_figure(
         return None
     fig, axes = grid(len(runs), width=6.2, height=3.8)
     names = summary.set_index("run_id")
+    seeds = "seed" in summary and summary["seed"].nunique() > 1
     for ax, run_id in zip(axes, runs, strict=False):
         rows = dynamics[(dynamics["run_id"] == run_id) & (dynamics["quantity"] == "update_ratio")]
         layer_lines(rows, "update_ratio", ax=ax, ylabel=UPDATE)
-        ax.set_title(run_title(names.loc[run_id]), fontsize="medium")
+        ax.set_title(run_title(names.loc[run_id], seeds), fontsize="medium")
     fig.suptitle(
         "Update-to-weight ratio per layer over training (~1e-3 is the usual rule of thumb; gaps: exactly 0)"
     )
@@ -301,10 +358,13 @@ def grid(n: int, width: float, height: float) -> tuple[plt.Figure, list[plt.Axes
     return fig, flat[:n]
 
 
-def run_title(run: pd.Series) -> str:
-    name = run.get("run_name") or str(run.name)[:8]
+def run_title(run: pd.Series, seeds: bool = False) -> str:
+    """The run's swept values (its config label; the seed too when the sweep has several), then how it
+    ended. Whole run names repeat the fixed overrides and run into the next panel's title."""
+    config = run.get("config") or run.get("run_name") or str(run.name)[:8]
+    seed = f" seed={run['seed']}" if seeds and "seed" in run else ""
     state = diagnosis_change(run.get("diagnosis_init"), run.get("diagnosis")) or "?"
-    return f"{name}\n{run.get('outcome', '?')}, {state}"
+    return f"{config}{seed}\n{run.get('outcome', '?')}, {state}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,8 +430,9 @@ def markdown(report: Report, sources: dict[str, int]) -> str:
             "cover the diagnoses; `--show` picks others), each on its own colour scale.",
         ),
         "loss_vs_depth": (
-            "Final loss against depth",
-            "Mean over seeds with 95% bootstrap confidence bands (none for a single seed); diverged runs "
+            "Final loss",
+            "Against depth when the sweep varies depth, else one bar per config (dots: its runs). Mean "
+            "over seeds with its 95% bootstrap confidence interval (none for a single seed); diverged runs "
             "are left out of the loss and counted on the right.",
         ),
         "update_ratio": (

@@ -2,6 +2,7 @@
 
     python scripts/bench_sweeps.py            # ~5 min on 2 cores
     python scripts/bench_sweeps.py --quick    # ~1 min: shorter runs
+    python scripts/bench_sweeps.py --lengths 20,400,1500   # ~6 min: where joblib starts to pay off
 
 1. Throughput: the same 8-job sweep of small runs (digits, 8 hidden layers of 64, `--steps` SGD steps
    each) under the basic launcher (one job after another, in the launching process) and under
@@ -218,12 +219,29 @@ def report(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def break_even(lengths: list[int], jobs: int = 8, workers: int = 2) -> None:
+    """The throughput comparison at several run lengths, printed row by row: joblib's workers cost a
+    fixed start-up (spawn, imports) and share the cores, so it pays off only once the runs are long."""
+    print(f"{jobs} jobs (digits, depth 8, width 64): basic launcher vs joblib with {workers} workers")
+    print(f"  {'steps':>6} {'run s':>7} {'basic s':>8} {'joblib s':>9} {'speedup':>8}")
+    for steps in lengths:
+        t = throughput(jobs=jobs, steps=steps, workers=workers, rounds=1)
+        times = f"{t['basic_run_s']:7.2f} {t['basic_s']:8.1f} {t['joblib_s']:9.1f}"
+        print(f"  {steps:6d} {times} {t['speedup']:7.2f}x", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="shorter runs, fewer repeats")
+    parser.add_argument(
+        "--lengths", default=None, help="only the throughput, at these run lengths in steps (20,400,1500)"
+    )
     args = parser.parse_args(argv)
+    if args.lengths:
+        break_even([int(n) for n in args.lengths.split(",")])
+        return
     print(report(measure(args.quick)))
 
 

@@ -19,6 +19,7 @@ from bpexp.analysis import (
     bootstrap_ci,
     config_columns,
     config_label,
+    label_columns,
     pivot,
     profiles,
     rank_configs,
@@ -100,9 +101,31 @@ def test_config_columns_are_the_varying_params_but_not_seed_tracking_or_theory()
         }
     )
     assert config_columns(runs) == ["model.depth", "optim.name"]
-    assert config_label(runs).tolist()[-1] == "depth=8 name=sgd"
-    clash = runs.assign(**{"data.name": ["x", "y", "x", "y"]})
-    assert config_label(clash, ["data.name", "optim.name"])[0] == "data.name=x optim.name=adam"
+    assert config_label(runs).tolist()[-1] == "depth=8 optim=sgd"
+    clash = runs.assign(**{"data.width": [1, 2, 1, 2], "model.width": [3, 3, 4, 4]})
+    assert config_label(clash, ["data.width", "model.width"])[0] == "data.width=1 model.width=3"
+
+
+def test_labels_name_the_swept_values_only():
+    """experiment=he_init sweeps model.init × optim; each optimizer brings its own lr and momentum."""
+    inits = ["kaiming_normal", "lecun_normal", "xavier_normal", "normal"]
+    runs = pd.DataFrame(
+        {
+            "model.init": inits * 2,
+            "optim.name": ["momentum"] * 4 + ["adam"] * 4,
+            "optim.lr": [0.01] * 4 + [0.001] * 4,
+            "optim.momentum": [0.9] * 4 + [0.0] * 4,
+        }
+    )
+    by = config_columns(runs)
+    assert label_columns(runs, by) == ["model.init", "optim.name"]
+    assert config_label(runs, by)[4] == "init=kaiming_normal optim=adam"
+    # a search draws η and σ_w afresh per trial: one fixes the other only trivially, both stay
+    search = pd.DataFrame({"optim.lr": [0.1, 0.01, 0.003], "model.init_gain": [1.0, 1.5, 2.0]})
+    assert config_label(search)[1] == "lr=0.01 init_gain=1.5"
+    # swept independently, an optimizer's lr is a swept value of its own
+    grid = pd.DataFrame({"optim.name": ["sgd", "sgd", "adam", "adam"], "optim.lr": [0.1, 0.01] * 2})
+    assert config_label(grid).tolist()[1:3] == ["optim=sgd lr=0.01", "optim=adam lr=0.1"]
 
 
 # -- profiles and summaries ---------------------------------------------------------------------

@@ -6,6 +6,7 @@ import sys
 import pandas as pd
 import pytest
 from conftest import cli_env, make_config
+from matplotlib.collections import PathCollection
 from mlflow.tracking import MlflowClient
 
 from bpexp import analysis, report, store
@@ -141,3 +142,101 @@ def test_cli_reads_the_store_of_the_working_directory(sweep):
         timeout=120,
     )
     assert missing.returncode == 2 and "sweeps there: test-sweep" in missing.stderr
+
+
+def test_report_labels_name_the_swept_values_only(built):
+    # the diverging run swaps Adam for SGD at lr=1e4: its label says so with `optim=sgd`, not name= lr=
+    labels = built.configs["config"].tolist()
+    assert any("optim=sgd" in label for label in labels)
+    assert not [label for label in labels if "name=" in label or "lr=" in label]
+
+
+# -- figures from hand-made summaries (what a study sweeps, answered by the chart) -----------------
+
+
+def he_init_summary(depths=(30,)) -> pd.DataFrame:
+    """experiment=he_init: init × optim (each optimizer with its own lr) × 2 seeds, depth fixed."""
+    rows = []
+    for depth in depths:
+        for optim, lr in (("momentum", 0.01), ("adam", 0.001)):
+            for i, init in enumerate(("kaiming_normal", "lecun_normal", "xavier_normal", "normal")):
+                for seed in (0, 1):
+                    rows.append(
+                        {
+                            "run_id": f"{depth}-{optim}-{init}-{seed}",
+                            "run_name": f"model.init={init} optim={optim} experiment=he_init · long-{seed}",
+                            "seed": seed,
+                            "model.depth": depth,
+                            "model.init": init,
+                            "optim.name": optim,
+                            "optim.lr": lr,
+                            "final_val_loss": 0.1 * (i + 1) + 0.01 * seed,
+                            "diverged": False,
+                            "outcome": "completed",
+                            "diagnosis": "healthy",
+                        }
+                    )
+    summary = pd.DataFrame(rows)
+    summary["config"] = analysis.config_label(summary, analysis.config_columns(summary)).to_numpy()
+    return summary
+
+
+def texts(ax) -> list[str]:
+    legend = [t.get_text() for t in ax.get_legend().get_texts()] if ax.get_legend() else []
+    return [ax.get_title(), ax.get_xlabel(), *legend, *(t.get_text() for t in ax.get_xticklabels())]
+
+
+def test_a_fixed_depth_study_gets_bars_per_config_with_the_spread_over_seeds():
+    summary = he_init_summary()
+    fig = report.loss_depth_figure(summary, analysis.config_columns(summary))
+    left = fig.axes[0]
+    assert len(left.patches) == 8  # 4 inits × 2 optimizers, one bar each
+    inits = ["kaiming_normal", "lecun_normal", "normal", "xavier_normal"]
+    assert [t.get_text() for t in left.get_xticklabels()] == inits and left.get_xlabel() == "init"
+    assert left.get_legend().get_title().get_text() == "optim"
+    assert [t.get_text() for t in left.get_legend().get_texts()] == ["adam", "momentum"]
+    dots = [c for c in left.collections if isinstance(c, PathCollection)]
+    assert sum(len(c.get_offsets()) for c in dots) == 16  # every run a dot on its bar
+    assert "depth 30" in left.get_title()
+    assert not [t for ax in fig.axes for t in texts(ax) if "lr=" in t or "name=" in t]
+
+
+def test_a_study_over_depth_gets_lines_against_depth():
+    summary = he_init_summary(depths=(2, 8))
+    fig = report.loss_depth_figure(summary, analysis.config_columns(summary))
+    left = fig.axes[0]
+    assert not left.patches and left.get_xlabel() == "depth (hidden layers)"
+    assert [t.get_text() for t in left.get_legend().get_texts()] == [
+        f"init={init} optim={optim}"
+        for init in ("kaiming_normal", "lecun_normal", "normal", "xavier_normal")
+        for optim in ("adam", "momentum")
+    ]
+    assert all(list(line.get_xdata()) == [2, 8] for line in left.lines)
+
+
+def test_heatmap_panels_are_titled_by_the_swept_values():
+    summary = he_init_summary()
+    shown = summary["run_id"].iloc[[0, 6]].tolist()
+    dynamics = pd.DataFrame(
+        [
+            {"run_id": run_id, "step": step, "layer": layer, "quantity": "grad_norm", "value": 10.0**-layer}
+            for run_id in shown
+            for step in (0, 5)
+            for layer in (1, 2, 3)
+        ]
+    )
+    fig = report.heatmap_figure(summary, dynamics, shown)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == [
+        "init=kaiming_normal optim=momentum seed=0\ncompleted, healthy",
+        "init=normal optim=momentum seed=0\ncompleted, healthy",
+    ]
+
+
+def test_configs_that_do_not_form_a_grid_get_one_bar_each():
+    summary = he_init_summary()
+    summary = summary[~((summary["model.init"] == "normal") & (summary["optim.name"] == "adam"))]
+    left = report.loss_depth_figure(summary, analysis.config_columns(summary)).axes[0]
+    ticks = [t.get_text().replace("\n", " ") for t in left.get_xticklabels()]
+    assert len(left.patches) == 7 and sorted(ticks) == sorted(set(summary["config"]))
+    assert "init=normal optim=momentum" in ticks and left.get_legend() is None
