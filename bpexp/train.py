@@ -35,7 +35,7 @@ from bpexp.optim import build_optimizer, clip_gradients
 from bpexp.probes import Dynamics, Probes, diagnose
 from bpexp.progress import Progress
 from bpexp.theory import predict
-from bpexp.tracking import NullTracker, make_tracker, sweep_link
+from bpexp.tracking import NullTracker, StoreError, make_tracker, sweep_link
 
 log = logging.getLogger("bpexp.train")  # not __main__ under python -m
 THEORY_TOLERANCE = 0.5  # decades: measured δ ratio at step 0 this close to the prediction "agrees"
@@ -239,9 +239,15 @@ def finish(cfg: Config, result: RunResult, dynamics: Dynamics, tracker: NullTrac
             tracker.log_metrics({"diverged/step": result.diverged_step}, result.diverged_step)
         tags["mlflow.note.content"] = summary(result, cfg)  # the run's Description in the MLflow UI
         tracker.set_tags(tags)
+        artifacts = write_artifacts(cfg, result, dynamics, out_dir)  # on disk whatever the outcome
         if result.outcome in ("completed", "diverged"):
-            for path, folder in write_artifacts(cfg, result, dynamics, out_dir):
+            for path, folder in artifacts:
                 tracker.log_artifact(path, folder)
+    except Exception as err:  # a run is FINISHED only if all it promised was written
+        if result.outcome in ("completed", "diverged"):
+            result.outcome = "failed"
+            tracker.set_tags({"bpexp.outcome": "failed", "bpexp.error": f"{type(err).__name__}: {err}"})
+        raise
     finally:
         tracker.end(STATUS[result.outcome])
 
@@ -435,11 +441,11 @@ def main(cfg: DictConfig) -> float:
             # In a sweep the runs differ by their overrides: lead with them (the UI cuts names short).
             config.tracking.run_name = f"{' '.join(hydra_cfg.overrides.task)} · {run_name(config)}"[:250]
         result = train(config, launch_dir, out_dir, progress=hydra_cfg.mode == RunMode.RUN)
-    except ConfigError as err:
+    except (ConfigError, StoreError) as err:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             raise  # one bad point of a sweep fails alone; bpexp/sweep.py records it as a FAILED child
         print(f"bpexp: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(err, ConfigError) else 1)
     if hydra_cfg.mode == RunMode.RUN:
         print(summary(result, config))
     else:
