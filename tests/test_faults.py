@@ -62,6 +62,7 @@ def first_use(uri: str, i: int) -> None:
     tracker.end("FINISHED")
 
 
+@pytest.mark.slow
 def test_concurrent_first_use_of_a_new_store_records_every_run(tmp_path):
     """8 processes open a store that does not exist yet, 5 times over: 40/40 runs, every store usable.
     (Before the lock: 1, 0 and 0 of 4, and stores broken for good by half-done migrations.)"""
@@ -84,6 +85,7 @@ def test_concurrent_first_use_of_a_new_store_records_every_run(tmp_path):
     assert recorded == 40
 
 
+@pytest.mark.slow
 def test_unwritable_store_folder_fails_in_seconds_naming_it(tmp_path):
     if os.geteuid() == 0:  # root writes through chmod; /sys refuses even root
         folder = Path("/sys")
@@ -105,6 +107,7 @@ def test_another_programs_sqlite_file_is_refused_not_converted(tmp_path):
         assert db.execute("select name from sqlite_master").fetchall() == [("notes",)]
 
 
+@pytest.mark.slow
 def test_corrupt_store_is_named_in_one_message(tmp_path):
     (tmp_path / "mlflow.db").write_bytes(b"this is not a database, " * 100)
     done = run_cli(tmp_path)
@@ -121,6 +124,7 @@ def test_experiment_names_keep_artifacts_inside_mlartifacts(tmp_path):
         assert Path(location.removeprefix("file://")).resolve().parent == (tmp_path / "mlartifacts").resolve()
 
 
+@pytest.mark.slow
 def test_run_whose_artifacts_fail_to_save_ends_failed(tmp_path):
     """Nothing it promised may be missing from a FINISHED run, or sweep.resume would skip it for good."""
     (tmp_path / "o").mkdir()
@@ -172,6 +176,7 @@ def fake_server() -> Iterator[tuple[ThreadingHTTPServer, threading.Event]]:
 
 
 @pytest.mark.parametrize("failure", ["500", "hang"])
+@pytest.mark.slow
 def test_server_whose_api_fails_or_hangs_ends_the_run_in_seconds(tmp_path, fake_server, failure):
     server, hang = fake_server
     if failure == "hang":
@@ -261,6 +266,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_run_that_loses_its_server_ends_failed_and_is_closed_at_next_contact(
     tmp_path, bpexp_server, monkeypatch
 ):
@@ -293,6 +299,7 @@ def test_run_that_loses_its_server_ends_failed_and_is_closed_at_next_contact(
         proxy.shutdown()
 
 
+@pytest.mark.slow
 def test_bpexp_server_stops_promptly_on_sigterm(bpexp_server):
     """Last of the server tests: it stops the module's server (a handler used to wait 20 s here)."""
     process, _ = bpexp_server
