@@ -17,7 +17,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from bpexp.data import write_idx  # noqa: E402
+from tests.test_faults import start_fake_server  # noqa: E402
 
 SMALL = ["train.steps=2", "probes.every=1", "model.depth=2", "model.width=8"]
 
@@ -35,23 +35,11 @@ def train(folder: Path, *args: str) -> subprocess.Popen:
 
 
 def fake_server(hang: bool) -> str:
-    """/health answers; the API answers 500, or never."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            if self.path != "/health" and hang:
-                threading.Event().wait()
-            self.send_response(200 if self.path == "/health" else 500)
-            self.end_headers()
-
-        do_POST = do_GET
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    """/health answers; the API answers 500, or never (the same fake server as the tests')."""
+    hanging = threading.Event()
+    if hang:
+        hanging.set()
+    server = start_fake_server(hanging, threading.Event())
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 

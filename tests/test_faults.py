@@ -143,24 +143,16 @@ def test_run_whose_artifacts_fail_to_save_ends_failed(tmp_path):
 # ---- servers ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def fake_server() -> Iterator[tuple[ThreadingHTTPServer, threading.Event]]:
-    """/health answers 200; the API answers 500, or hangs until the test ends when `hang` is set."""
-    hang, done = threading.Event(), threading.Event()
+def start_fake_server(hang: threading.Event, release: threading.Event) -> ThreadingHTTPServer:
+    """/health answers 200; the API answers 500, or, once `hang` is set, nothing until `release`."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            if self.path == "/health":
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b"OK")
+            if self.path != "/health" and hang.is_set():
+                release.wait()
                 return
-            if hang.is_set():
-                done.wait()
-                return
-            self.send_response(500)
+            self.send_response(200 if self.path == "/health" else 500)
             self.end_headers()
-            self.wfile.write(b"Internal Server Error")
 
         do_POST = do_GET
 
@@ -170,8 +162,15 @@ def fake_server() -> Iterator[tuple[ThreadingHTTPServer, threading.Event]]:
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture
+def fake_server() -> Iterator[tuple[ThreadingHTTPServer, threading.Event]]:
+    hang, release = threading.Event(), threading.Event()
+    server = start_fake_server(hang, release)
     yield server, hang
-    done.set()
+    release.set()
     server.shutdown()
 
 
