@@ -224,13 +224,19 @@ class Tracker(NullTracker):
 
     def close_unclosed(self) -> None:
         """Close the runs of this store that an earlier process left RUNNING when the store went away."""
+        from mlflow.exceptions import MlflowException
+
         folder = unclosed_folder()
         for note_file in sorted(folder.glob("*.json")) if folder.is_dir() else []:
             note = json.loads(note_file.read_text())
             if note["uri"] != self.uri:
                 continue
-            self.set_tags_of(note["run_id"], note["tags"])
-            self.call("set_terminated", note["run_id"], note["status"])
+            try:
+                self.set_tags_of(note["run_id"], note["tags"])
+                self.call("set_terminated", note["run_id"], note["status"])
+            except MlflowException as err:  # the run was deleted since: nothing left to close
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
             note_file.unlink(missing_ok=True)
 
     def remember_unclosed(self, status: str) -> None:
