@@ -204,7 +204,7 @@ class Tracker(NullTracker):
 
         if self.lost:
             return None
-        deadline, pause = None, 0.5
+        deadline, pause = time.monotonic() + self.timeout, 0.5  # from the first try: a hang counts too
         while True:
             try:
                 return getattr(self.client, method)(*args, **kwargs)
@@ -212,7 +212,6 @@ class Tracker(NullTracker):
                 if not self.remote or err.error_code not in TRANSIENT:
                     raise
                 now = time.monotonic()
-                deadline = deadline or now + self.timeout
                 if now >= deadline:
                     self.lost = first_line(err)
                     raise StoreError(
