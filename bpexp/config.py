@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,15 @@ class ConfigError(ValueError):
 def require(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value!r} is not allowed: {allowed}")
+
+
+def require_finite(group: str, node: Any) -> None:
+    """inf and nan compose as floats (optim.lr=inf passes `> 0`) but train nothing: refuse them by key."""
+    for f in fields(node):
+        value = getattr(node, f.name)
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, float):
+                require(math.isfinite(number), f"{group}.{f.name}", value, "a finite number")
 
 
 class Device(Enum):
@@ -131,6 +141,7 @@ class DataConfig:
     """Folder with MNIST-format IDX files (data=idx only)."""
 
     def __post_init__(self) -> None:
+        require_finite("data", self)
         require(self.n_train >= 1, "data.n_train", self.n_train, "an integer ≥ 1")
         require(self.n_val >= 0, "data.n_val", self.n_val, "an integer ≥ 0 (0: no validation split)")
         require(self.noise >= 0, "data.noise", self.noise, "a number ≥ 0")
@@ -181,6 +192,7 @@ class ModelConfig:
     """a^(l) = a^(l-1) + f(z^(l)) for hidden layers 2..L-1 (same width in and out)."""
 
     def __post_init__(self) -> None:
+        require_finite("model", self)
         require(self.depth >= 0, "model.depth", self.depth, "an integer ≥ 0 (hidden layers)")
         require(self.width >= 1, "model.width", self.width, "an integer ≥ 1")
         require(self.init_std > 0, "model.init_std", self.init_std, "a number > 0")
@@ -207,6 +219,7 @@ class OptimConfig:
     """Clip the global gradient norm to this value after the probes read it; null = off."""
 
     def __post_init__(self) -> None:
+        require_finite("optim", self)
         require(self.lr > 0, "optim.lr", self.lr, "a number > 0")
         require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "a number ≥ 0")
         require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "a number in [0, 1)")
@@ -263,6 +276,13 @@ class TrackingConfig:
     """MLflow experiment name."""
     run_name: str | None = None
     """null = data-d<depth>w<width>-<activation>-<init>-<optim>-s<seed>."""
+    timeout: float = 30.0
+    """Seconds a tracking server may fail to answer before the run ends FAILED (its files stay on disk)."""
+
+    def __post_init__(self) -> None:
+        require(
+            math.isfinite(self.timeout) and self.timeout > 0, "tracking.timeout", self.timeout, "seconds > 0"
+        )
 
 
 @dataclass

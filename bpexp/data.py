@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bpexp.config import DataConfig, DataName
+from bpexp.config import ConfigError, DataConfig, DataName
 
 # IDX type codes (LeCun's MNIST format): third byte of the magic number -> numpy dtype (big-endian).
 IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -144,7 +144,10 @@ def idx(cfg: DataConfig, n: int, g: torch.Generator):
         label_file = image_file.with_name(image_file.name.replace("images-idx3", "labels-idx1"))
         if not label_file.exists():
             raise FileNotFoundError(f"{image_file} has no labels file {label_file.name}")
-        x, y = read_idx(image_file), read_idx(label_file)
+        try:
+            x, y = read_idx(image_file), read_idx(label_file)
+        except (OSError, ValueError) as err:  # one line naming the file, like a config error
+            raise ConfigError(f"data.path={cfg.path!r}: {err}") from None
         if len(x) != len(y):
             raise ValueError(f"{image_file.name} has {len(x)} images but {label_file.name} {len(y)} labels")
         xs.append(x.reshape(len(x), -1).astype(np.float64) / 255.0)
@@ -158,13 +161,22 @@ def read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rb") as f:
         raw = f.read()
-    zero, type_code, ndim = int.from_bytes(raw[:2], "big"), raw[2], raw[3]
-    if zero != 0 or type_code not in IDX_DTYPES:
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (magic {raw[:4].hex()})")
+    type_code, ndim = raw[2], raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: header cut short ({len(raw)} bytes, {ndim} sizes need {4 + 4 * ndim})")
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(raw, dtype=IDX_DTYPES[type_code], offset=4 + 4 * ndim)
-    if data.size != math.prod(shape):
-        raise ValueError(f"{path}: header says {shape} but holds {data.size} values")
+    dtype = np.dtype(IDX_DTYPES[type_code])
+    if len(raw) - 4 - 4 * ndim != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{path}: header says {shape} but holds {len(raw) - 4 - 4 * ndim} bytes of data")
+    data = np.frombuffer(raw, dtype=dtype, offset=4 + 4 * ndim)
+    if dtype.kind == "f" and not np.isfinite(data).all():
+        bad = int(np.size(data) - np.isfinite(data).sum())
+        raise ValueError(
+            f"{path}: {bad} non-finite values (inf or nan), first at flat index "
+            f"{int(np.argmin(np.isfinite(data)))}; a model cannot learn from them"
+        )
     return data.reshape(shape)
 
 

@@ -1,6 +1,7 @@
-"""One command for a shared MLflow tracking server on 127.0.0.1, for a team or a sweep over many processes.
+"""One command for a shared MLflow tracking server, for a team or a sweep over many processes.
 
     bpexp-server                                         # SQLite: ./mlflow-server/mlflow.db, port 5000
+    bpexp-server --host 0.0.0.0                          # reachable from other machines (a cluster's jobs)
     bpexp-server --port 5001 --store postgresql+psycopg://bpexp:secret@db-host/bpexp
     python -m bpexp.train -m tracking.uri=http://127.0.0.1:5000 seed=0,1,2    # then sweeps write there
 
@@ -11,6 +12,9 @@ itself (--artifacts-destination), so clients need no access to its disk.
 Starting fast: `--workers 1` and MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false bring the start from ~60 s to
 ~10 s on a small machine (the default starts 4 workers and a job runner). The script waits for /health,
 prints `ready <uri>`, and stops the server (and its workers) on Ctrl-C or SIGTERM.
+
+The server listens on 127.0.0.1 unless --host says otherwise: MLflow's server has no authentication, so
+anyone who can reach the port can read and delete every run. Expose it only on a trusted network.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,14 +30,16 @@ import urllib.request
 from pathlib import Path
 
 
-def server_command(port: int, store: str, artifacts: Path, workers: int = 1) -> list[str]:
+def server_command(
+    port: int, store: str, artifacts: Path, workers: int = 1, host: str = "127.0.0.1"
+) -> list[str]:
     return [
         sys.executable,
         "-m",
         "mlflow",
         "server",
         "--host",
-        "127.0.0.1",
+        host,
         "--port",
         str(port),
         "--backend-store-uri",
@@ -74,7 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0: every interface)",
+    )
+    parser.add_argument("--port", type=int, default=5000, help="port (default 5000)")
     parser.add_argument(
         "--dir", type=Path, default=Path("mlflow-server"), help="folder for the SQLite file and artifacts"
     )
@@ -85,29 +97,31 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.dir.resolve()
     folder.mkdir(parents=True, exist_ok=True)
     store = args.store or f"sqlite:///{folder}/mlflow.db"
-    uri = f"http://127.0.0.1:{args.port}"
+    everywhere = args.host in ("0.0.0.0", "::")
+    local = f"http://{'127.0.0.1' if everywhere else args.host}:{args.port}"  # where we poll /health
+    uri = f"http://{socket.gethostname() if everywhere else args.host}:{args.port}"  # what jobs use
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    command = server_command(args.port, store, folder / "artifacts", args.workers)
+    command = server_command(args.port, store, folder / "artifacts", args.workers, args.host)
     # Its own process group, so that stopping it stops its uvicorn/gunicorn workers too.
     process = subprocess.Popen(command, env=env, stdout=sys.stderr, start_new_session=True)  # stdout: ours
 
-    def stop(signum: int = signal.SIGTERM, frame: object = None) -> None:
-        stop_server(process)
-        raise SystemExit(0)
+    def interrupt(signum: int, frame: object) -> None:
+        # Only unwind here: stop_server's wait inside the handler would spin on the lock that the
+        # interrupted process.wait() holds, and give up only after its whole timeout (20 s).
+        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
-        seconds = wait_healthy(uri, process)
+        seconds = wait_healthy(local, process)
         print(f"ready {uri} (store {store}, started in {seconds:.1f} s)", flush=True)
         print(f"  sweep into it: python -m bpexp.train -m tracking.uri={uri} ...", flush=True)
         print(f"  UI: {uri}", flush=True)
         return process.wait()
     except KeyboardInterrupt:
-        stop()
+        return 0
     finally:
         stop_server(process)
-    return 0
 
 
 if __name__ == "__main__":

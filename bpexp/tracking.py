@@ -6,21 +6,32 @@ starts each from clean state.
 
 Inside a sweep, bpexp/sweep.py hands each job its link to the sweep in $BPEXP_SWEEP (JSON: store,
 experiment, parent run, tags): the job's run is then created there, as a child of the sweep's parent run.
+
+Faults end in one message naming the store: a SQLite file that is missing, unwritable, corrupt or another
+program's database is refused before MLflow touches it (MLflow would retry for minutes, or add its tables);
+first use of a new SQLite store is serialized by a file lock (MLflow's schema migrations are not safe to
+race); a server that stops answering is retried until `tracking.timeout`, then the run ends, and is closed
+FAILED in the store the next time any bpexp process reaches that server.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
 import os
 import re
+import sqlite3
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
 
 from bpexp.config import ConfigError, TrackingBackend, TrackingConfig
+from bpexp.names import Tag
 
 METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 FLUSH_SECONDS = 10.0  # flush at least this often, so the UI follows a long run
@@ -34,6 +45,12 @@ for _name in ("mlflow.store.db.utils", "alembic.runtime.migration"):
 os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 SWEEP_ENV = "BPEXP_SWEEP"  # set by bpexp/sweep.py around each job of a sweep, removed after it
+# MLflow's REST errors worth retrying: no answer, a timeout, a 5xx (its other codes are the server's verdict).
+TRANSIENT = ("INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE")
+
+
+class StoreError(RuntimeError):
+    """The tracking store stopped answering during a run; the message names it, the wait and the cause."""
 
 
 def sweep_link() -> dict[str, Any] | None:
@@ -48,7 +65,7 @@ def resolve_uri(cfg: TrackingConfig, launch_dir: Path) -> str:
 
 
 def check_reachable(uri: str) -> None:
-    """Fail fast (before any run exists) on a server that does not answer or a folder that is missing."""
+    """Fail fast (before any run exists) on a server that does not answer or a store that cannot be used."""
     if uri.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5) as response:
@@ -59,9 +76,71 @@ def check_reachable(uri: str) -> None:
                 "a sqlite:/// path, or null for the embedded store"
             ) from None
     elif uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
-        if not folder.is_dir():
-            raise ConfigError(f"tracking.uri={uri!r}: folder {folder} does not exist")
+        check_sqlite_store(uri)
+
+
+def check_sqlite_store(uri: str) -> None:
+    """In seconds, naming the file: a folder that is missing or not writable, a file that is no SQLite
+    database, or another program's database (refused: MLflow would add its tables to it)."""
+    path = Path(uri.removeprefix("sqlite:///"))
+    if not path.parent.is_dir():
+        raise ConfigError(f"tracking.uri={uri!r}: folder {path.parent} does not exist")
+    try:  # the lock file is a real write: it also catches what os.access cannot see (root, /sys)
+        lock_path(path).touch()
+    except OSError as err:
+        raise ConfigError(
+            f"tracking.uri={uri!r}: folder {path.parent} is not writable ({err.strerror}); "
+            "SQLite writes beside its store"
+        ) from None
+    if not path.exists():
+        return
+    try:  # under the lock: a store being created by another process is seen whole, never half-made
+        with store_lock(uri), closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+            tables = {name for (name,) in db.execute("select name from sqlite_master where type = 'table'")}
+    except sqlite3.Error as err:
+        raise ConfigError(f"tracking.uri={uri!r}: {path} is not an SQLite store ({err})") from None
+    if tables and "alembic_version" not in tables:
+        raise ConfigError(
+            f"tracking.uri={uri!r}: {path} belongs to another program (tables: {', '.join(sorted(tables))}), "
+            "not an MLflow store; bpexp leaves it alone: choose another file"
+        )
+
+
+def lock_path(path: Path) -> Path:
+    return path.with_name(path.name + ".lock")
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """Held while a process opens a SQLite store: the first creates the schema, the others wait for it."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with open(lock_path(Path(uri.removeprefix("sqlite:///"))), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def open_client(uri: str, timeout: float) -> Any:
+    """An MlflowClient; creating one creates a SQLite store's schema, hence the lock."""
+    from mlflow.tracking import MlflowClient
+
+    if uri.startswith(("http://", "https://")):
+        # Our deadline replaces MLflow's retries (7, with backoff: minutes) and its 120 s per request.
+        os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+        os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(max(1, math.ceil(timeout / 3)))
+    with store_lock(uri):
+        return MlflowClient(tracking_uri=uri)
+
+
+def unclosed_folder() -> Path:
+    """Runs that lost their server, each a JSON note, closed at the next contact with that server."""
+    state = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+    return Path(state) / "bpexp" / "unclosed"
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def param_value(value: Any) -> str:
@@ -111,15 +190,67 @@ class Tracker(NullTracker):
         experiment: str,
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
+        timeout: float = 30.0,
     ):
-        from mlflow.tracking import MlflowClient
-
         self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
         self.tags = tags or {}  # set on the run at its creation (a sweep's link)
-        self.client = MlflowClient(tracking_uri=uri)
+        self.timeout = timeout  # seconds a remote store may fail to answer before the run gives up
+        self.remote = uri.startswith(("http://", "https://"))
+        self.lost: str | None = None  # why the store stopped answering; then every call is skipped
+        self.client = open_client(uri, timeout)
         self.buffer: list[Any] = []
         self.last_flush = time.monotonic()
         self.skipped = 0  # non-finite values kept out of MLflow (they break its run pages)
+        self.close_unclosed()
+
+    def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """client.<method>(...); a remote store is retried until tracking.timeout, then StoreError."""
+        from mlflow.exceptions import MlflowException
+
+        if self.lost:
+            return None
+        deadline, pause = time.monotonic() + self.timeout, 0.5  # from the first try: a hang counts too
+        while True:
+            try:
+                return getattr(self.client, method)(*args, **kwargs)
+            except MlflowException as err:
+                if not self.remote or err.error_code not in TRANSIENT:
+                    raise
+                now = time.monotonic()
+                if now >= deadline:
+                    self.lost = first_line(err)
+                    raise StoreError(
+                        f"tracking server {self.uri} did not answer for {self.timeout:g} s "
+                        f"(tracking.timeout): {self.lost}"
+                    ) from None
+                time.sleep(min(pause, deadline - now))  # backoff between tries of a server that failed
+                pause = min(2 * pause, 5.0)
+
+    def close_unclosed(self) -> None:
+        """Close the runs of this store that an earlier process left RUNNING when the store went away."""
+        from mlflow.exceptions import MlflowException
+
+        folder = unclosed_folder()
+        for note_file in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+            note = json.loads(note_file.read_text())
+            if note["uri"] != self.uri:
+                continue
+            try:
+                self.set_tags_of(note["run_id"], note["tags"])
+                self.call("set_terminated", note["run_id"], note["status"])
+            except MlflowException as err:  # the run was deleted since: nothing left to close
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                    raise
+            note_file.unlink(missing_ok=True)
+
+    def remember_unclosed(self, status: str) -> None:
+        """The store is gone: note the run, so that the next contact closes it FAILED (or KILLED)."""
+        status = "KILLED" if status == "KILLED" else "FAILED"  # not all it promised reached the store
+        tags = {Tag.outcome: status.lower(), Tag.error: f"tracking store lost: {self.lost}"}
+        note = {"uri": self.uri, "run_id": self.run_id, "status": status, "tags": tags}
+        folder = unclosed_folder()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{self.run_id}.json").write_text(json.dumps(note))
 
     def run_url(self) -> str | None:
         """This run's page; `workflowType` because MLflow 3.17's UI otherwise opens its GenAI pages."""
@@ -134,17 +265,16 @@ class Tracker(NullTracker):
         """Get or create the experiment (a concurrent creator may win the race: then read its id)."""
         from mlflow.exceptions import MlflowException
 
-        found = self.client.get_experiment_by_name(self.experiment)
+        found = self.call("get_experiment_by_name", self.experiment)
         if found is not None:
             return found.experiment_id
         location = None
         if self.uri.startswith("sqlite:///"):
-            slug = re.sub(r"[^\w.-]+", "_", self.experiment)
-            location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts" / slug).as_uri()
+            location = artifact_location(Path(self.uri.removeprefix("sqlite:///")).parent, self.experiment)
         try:
-            return self.client.create_experiment(self.experiment, location, tags=EXPERIMENT_KIND)
+            return self.call("create_experiment", self.experiment, location, tags=EXPERIMENT_KIND)
         except MlflowException:
-            found = self.client.get_experiment_by_name(self.experiment)
+            found = self.call("get_experiment_by_name", self.experiment)
             if found is None:
                 raise
             return found.experiment_id
@@ -154,12 +284,12 @@ class Tracker(NullTracker):
 
         tags = {**tags, **self.tags}  # the run's own first: the UI lists tags in creation order
         if self.parent_run_id:
-            tags["mlflow.parentRunId"] = self.parent_run_id
-        run = self.client.create_run(self.experiment_id(), run_name=run_name, tags=tags)
+            tags[Tag.parent] = self.parent_run_id
+        run = self.call("create_run", self.experiment_id(), run_name=run_name, tags=tags)
         self.run_id = run.info.run_id
         items = [Param(key, param_value(value)) for key, value in params.items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
+            self.call("log_batch", self.run_id, params=items[i : i + 100])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -178,36 +308,45 @@ class Tracker(NullTracker):
     def flush(self) -> None:
         while self.buffer:
             batch, self.buffer = self.buffer[:METRICS_PER_CALL], self.buffer[METRICS_PER_CALL:]
-            self.client.log_batch(self.run_id, metrics=batch)
+            self.call("log_batch", self.run_id, metrics=batch)
         self.last_flush = time.monotonic()
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        from mlflow.entities import RunTag
-
         if self.run_id is None:  # interrupted before the run existed
             return
-        self.client.log_batch(self.run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+        self.set_tags_of(self.run_id, tags)
+
+    def set_tags_of(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        self.call("log_batch", run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.run_id is None:
             return
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self.call("log_artifact", self.run_id, str(path), artifact_path)
 
     def end(self, status: str) -> None:
-        """Flush what is buffered and close the run as FINISHED, FAILED or KILLED."""
+        """Flush what is buffered and close the run as FINISHED, FAILED or KILLED.
+
+        If the store went away, the run is noted instead, and closed FAILED (or KILLED) at the next contact.
+        """
         if self.run_id is None:
             return
         try:
             self.flush()
+            self.call("set_terminated", self.run_id, status)
         finally:
-            self.client.set_terminated(self.run_id, status)
+            if self.lost:
+                self.remember_unclosed(status)
 
     def find_finished(self, config_hash: str) -> Any | None:
         """The latest FINISHED run of this experiment whose bpexp.config_hash tag is config_hash."""
-        found = self.client.get_experiment_by_name(self.experiment)
+        found = self.call("get_experiment_by_name", self.experiment)
         if found is None:
             return None
-        runs = self.client.search_runs(
+        runs = self.call(
+            "search_runs",
             [found.experiment_id],
             f"tags.`bpexp.config_hash` = '{config_hash}' and attributes.status = 'FINISHED'",
             max_results=1,
@@ -216,13 +355,21 @@ class Tracker(NullTracker):
         return runs[0] if runs else None
 
 
+def artifact_location(root: Path, experiment: str) -> str:
+    """<root>/mlartifacts/<experiment as a folder name>: no name (`..`, `a/../..`) can leave mlartifacts/."""
+    slug = re.sub(r"[^\w.-]+", "_", experiment)
+    slug = re.sub(r"^\.+", "_", slug)  # `.`, `..`, `.hidden`: never a step up nor a hidden folder
+    return (root / "mlartifacts" / slug).as_uri()
+
+
 def make_tracker(cfg: TrackingConfig, launch_dir: Path, parent_run_id: str | None = None) -> NullTracker:
     """The run's tracker; inside a sweep, in the sweep's store and experiment, under its parent run."""
     if cfg.backend == TrackingBackend.none:
         return NullTracker()
     link = sweep_link()
     if link is not None:
-        return Tracker(link["uri"], link["experiment"], parent_run_id or link["parent_run_id"], link["tags"])
+        parent = parent_run_id or link["parent_run_id"]
+        return Tracker(link["uri"], link["experiment"], parent, link["tags"], cfg.timeout)
     uri = resolve_uri(cfg, launch_dir)
     check_reachable(uri)
-    return Tracker(uri, cfg.experiment, parent_run_id)
+    return Tracker(uri, cfg.experiment, parent_run_id, timeout=cfg.timeout)

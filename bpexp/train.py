@@ -40,7 +40,7 @@ from bpexp.probes import Dynamics, Probes, diagnose
 from bpexp.progress import Progress
 from bpexp.result import DIVERGED_OBJECTIVE, RunResult
 from bpexp.theory import Prediction, predict
-from bpexp.tracking import NullTracker, make_tracker, sweep_link
+from bpexp.tracking import NullTracker, StoreError, make_tracker, sweep_link
 
 __all__ = ["DIVERGED_OBJECTIVE", "RunResult", "main", "train"]
 log = logging.getLogger("bpexp.train")  # not __main__ under python -m
@@ -245,9 +245,15 @@ def finish(cfg: Config, run: Run) -> None:
             tracker.log_metrics({Metric.diverged_step: result.diverged_step}, result.diverged_step)
         tags[Tag.note] = summary(result)  # the run's Description in the MLflow UI
         tracker.set_tags(tags)
+        artifacts = write_artifacts(cfg, result, run.dynamics)  # on disk whatever the outcome
         if result.outcome in (Outcome.completed, Outcome.diverged):
-            for path, folder in write_artifacts(cfg, result, run.dynamics):
+            for path, folder in artifacts:
                 tracker.log_artifact(path, folder)
+    except Exception as err:  # a run is FINISHED only if all it promised was written
+        if result.outcome in (Outcome.completed, Outcome.diverged):
+            result.outcome = Outcome.failed
+            tracker.set_tags({Tag.outcome: Outcome.failed, Tag.error: f"{type(err).__name__}: {err}"})
+        raise
     finally:
         tracker.end(STATUS[result.outcome])
 
@@ -364,11 +370,11 @@ def main(cfg: DictConfig) -> float:
                 varied = " ".join(o for o in overrides if is_experiment(o))
                 config.tracking.run_name = f"{varied} · {run_name(config)}"[:250] if varied else None
             result = train(config, launch_dir, out_dir, progress=not sweeping)
-    except ConfigError as err:
+    except (ConfigError, StoreError) as err:
         if sweeping:
             raise  # one bad point of a sweep fails alone; bpexp/sweep.py records it as a FAILED child
         print(f"bpexp: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(err, ConfigError) else 1)
     if sweeping:
         log.debug(summary(result))  # hydra.verbose=bpexp
         jobs = (sweep_link() or {}).get("jobs")
