@@ -103,6 +103,14 @@ class TrackingBackend(Enum):
     none = "none"
 
 
+class History(Enum):
+    """What MLflow gets of each probe (bpexp/recorder.py); dynamics.parquet always keeps every probe."""
+
+    full = "full"
+    every_k = "every_k"
+    summary = "summary"
+
+
 # Data sets whose shape is fixed by the data itself, not by data.in_dim / data.out_dim.
 FIXED_SHAPE = {DataName.spirals: (2, None), DataName.digits: (64, 10), DataName.idx: (None, None)}
 
@@ -258,6 +266,13 @@ class TrackingConfig:
     """MLflow experiment name."""
     run_name: str | None = None
     """null = data-d<depth>w<width>-<activation>-<init>-<optim>-s<seed>."""
+    history: History = History.full
+    """What MLflow gets: full (every probe), every_k (per-layer keys every history_every steps), summary."""
+    history_every: int = 100
+    """tracking.history=every_k: per-layer keys at steps that are multiples of this (and the last probe)."""
+
+    def __post_init__(self) -> None:
+        require(self.history_every >= 1, "tracking.history_every", self.history_every, "an integer ≥ 1")
 
 
 @dataclass

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 
 from bpexp.config import Activation
 from bpexp.model import MLP
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 F64 = torch.float64
 TINY = 1e-300  # floor before log10, so an exact-zero norm gives a finite (very negative) ratio
@@ -195,6 +198,8 @@ class Dynamics:
 
     def frame(self) -> pd.DataFrame:
         """Columns step, layer (nullable: network-level quantities have none), quantity, value."""
+        import pandas as pd  # at the end only: half a second of start-up otherwise
+
         split = {key: split_key(key) for _, metrics in self.records for key in metrics}
         rows = [
             (step, *split[key], value) for step, metrics in self.records for key, value in metrics.items()

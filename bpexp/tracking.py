@@ -108,14 +108,21 @@ class Tracker(NullTracker):
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
     ):
-        from mlflow.tracking import MlflowClient
-
         self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
         self.tags = tags or {}  # set on the run at its creation (a sweep's link)
-        self.client = MlflowClient(tracking_uri=uri)
+        self._client: Any = None
         self.buffer: list[Any] = []
         self.last_flush = time.monotonic()
         self.skipped = 0  # non-finite values kept out of MLflow (they break its run pages)
+
+    @property
+    def client(self) -> Any:
+        """MLflow's client, imported on first use (a training process records through bpexp/recorder.py)."""
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
 
     def run_url(self) -> str | None:
         """This run's page; `workflowType` because MLflow 3.17's UI otherwise opens its GenAI pages."""
@@ -213,12 +220,17 @@ class Tracker(NullTracker):
 
 
 def make_tracker(cfg: TrackingConfig, launch_dir: Path, parent_run_id: str | None = None) -> NullTracker:
-    """The run's tracker; inside a sweep, in the sweep's store and experiment, under its parent run."""
+    """The run's tracker (its writer process starts with the run); inside a sweep, in the sweep's store
+    and experiment, under its parent run."""
+    from bpexp.recorder import RecordingTracker
+
     if cfg.backend == TrackingBackend.none:
         return NullTracker()
+    history = {"history": cfg.history.value, "history_every": cfg.history_every}
     link = sweep_link()
     if link is not None:
-        return Tracker(link["uri"], link["experiment"], parent_run_id or link["parent_run_id"], link["tags"])
+        parent = parent_run_id or link["parent_run_id"]
+        return RecordingTracker(link["uri"], link["experiment"], parent, link["tags"], **history)
     uri = resolve_uri(cfg, launch_dir)
     check_reachable(uri)
-    return Tracker(uri, cfg.experiment, parent_run_id)
+    return RecordingTracker(uri, cfg.experiment, parent_run_id, **history)

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -29,7 +28,6 @@ from omegaconf import DictConfig, OmegaConf
 from bpexp.backprop import check_supported, gradcheck, manual_backward
 from bpexp.config import Config, ConfigError, Device, Engine, config_hash, flatten, to_config
 from bpexp.data import Dataset, make_data
-from bpexp.figures import gradient_profile_figure
 from bpexp.model import MLP, build_mlp, first_nonfinite_layer
 from bpexp.optim import build_optimizer, clip_gradients
 from bpexp.probes import Dynamics, Probes, diagnose
@@ -107,15 +105,8 @@ def train(
                 "bpexp.config_hash": config_hash(cfg),
             }
             tracker.start(run_name(cfg), params, tags)
-            result.run_id, result.out_dir, result.ui_url = tracker.run_id, out_dir, tracker.run_url()
-            result.tracking_uri = tracker.uri
-            log.info(
-                "run %s started (%s): L=%d, %d steps",
-                run_name(cfg),
-                result.run_id,
-                model.n_layers,
-                cfg.train.steps,
-            )
+            result.out_dir, result.tracking_uri = out_dir, tracker.uri  # the run id comes with finish()
+            log.info("run %s started: L=%d, %d steps", run_name(cfg), model.n_layers, cfg.train.steps)
             bar = Progress(cfg.train.steps, run_name(cfg), stream=sys.stderr if progress else io.StringIO())
             losses: dict[int, float] = {}  # since the last probe: logged only if the run diverges
             loop_start = time.perf_counter()
@@ -229,6 +220,7 @@ def diverged(result: RunResult, step: int, model: MLP, x: torch.Tensor) -> None:
 def finish(cfg: Config, result: RunResult, dynamics: Dynamics, tracker: NullTracker, out_dir: Path) -> None:
     """Tags, the divergence record, artifacts, then the run's final status: also after a failure."""
     try:
+        result.run_id, result.ui_url = tracker.run_id, tracker.run_url()  # the recorder's answer
         tags = {"bpexp.outcome": result.outcome, "bpexp.diagnosis": result.diagnosis}
         if result.initial:
             tags["bpexp.diagnosis_init"] = diagnose(result.initial)
@@ -249,6 +241,10 @@ def finish(cfg: Config, result: RunResult, dynamics: Dynamics, tracker: NullTrac
 def write_artifacts(
     cfg: Config, result: RunResult, dynamics: Dynamics, out_dir: Path
 ) -> list[tuple[Path, str | None]]:
+    import matplotlib.pyplot as plt  # at the end only: 1 s of start-up otherwise
+
+    from bpexp.figures import gradient_profile_figure
+
     (out_dir / "plots").mkdir(exist_ok=True)
     config_path = out_dir / "config.yaml"
     config_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
