@@ -309,12 +309,16 @@ class RecordingTracker(Tracker):
         self.process: subprocess.Popen | None = None
         self.started: tuple[str, str] | None = None  # (run id, experiment id), once the writer says
         self.failure: str | None = None  # why the writer is gone, once it is
+        self.answers: queue.Queue = queue.Queue()  # read by a thread, so that waits can time out
 
     def launch(self) -> None:
         """Start the writer process (it imports MLflow while the loop runs: nothing waits for it)."""
         if self.process is None:
             command = [sys.executable, "-m", "bpexp.recorder", str(os.getpid())]
             self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            reader = threading.Thread(target=read_messages, args=(self.process.stdout, self.answers))
+            reader.daemon = True
+            reader.start()
 
     @property
     def run_id(self) -> str | None:  # type: ignore[override]
@@ -328,12 +332,11 @@ class RecordingTracker(Tracker):
     def experiment_id(self) -> str:
         return self.started[1] if self.started else super().experiment_id()
 
-    def answer(self) -> tuple:
+    def answer(self, timeout: float | None = None) -> tuple:
         """The writer's next answer; `started` is kept, `error` becomes the failure."""
-        try:
-            message = pickle.load(self.process.stdout)  # type: ignore[union-attr, arg-type]
-        except (EOFError, OSError, pickle.UnpicklingError):
-            raise RecorderDied(self.died()) from None
+        message = self.answers.get(timeout=timeout)  # queue.Empty after `timeout` seconds
+        if message is None:
+            raise RecorderDied(self.died())
         if message[0] == "started":
             self.started = message[1], message[2]
         elif message[0] == "error":
@@ -405,16 +408,16 @@ class RecordingTracker(Tracker):
         """Hand over the end and wait for the writer to drain (at most DRAIN_LIMIT seconds)."""
         if self.process is None:
             return
+        deadline = time.monotonic() + DRAIN_LIMIT
         try:
             self.send("end", status)
             self.process.stdin.close()  # type: ignore[union-attr]
-            self.process.wait(timeout=DRAIN_LIMIT)
-            while self.answer()[0] != "ended":
+            while self.answer(timeout=max(0.0, deadline - time.monotonic()))[0] != "ended":
                 pass
             return
         except RecorderDied:
             pass
-        except subprocess.TimeoutExpired:
+        except queue.Empty:
             log.warning("the recorder (pid %d) is still writing; it ends the run", self.process.pid)
             return
         if self.run_id is not None:  # the writer is gone: the run ends FAILED from here

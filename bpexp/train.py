@@ -106,7 +106,10 @@ def train(
             }
             tracker.start(run_name(cfg), params, tags)
             result.out_dir, result.tracking_uri = out_dir, tracker.uri  # the run id comes with finish()
-            log.info("run %s started: L=%d, %d steps", run_name(cfg), model.n_layers, cfg.train.steps)
+            where = tracker.uri or "not tracked"
+            log.info(
+                "run %s started (%s): L=%d, %d steps", run_name(cfg), where, model.n_layers, cfg.train.steps
+            )
             bar = Progress(cfg.train.steps, run_name(cfg), stream=sys.stderr if progress else io.StringIO())
             losses: dict[int, float] = {}  # since the last probe: logged only if the run diverges
             loop_start = time.perf_counter()
