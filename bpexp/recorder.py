@@ -309,6 +309,7 @@ class RecordingTracker(Tracker):
         self.process: subprocess.Popen | None = None
         self.started: tuple[str, str] | None = None  # (run id, experiment id), once the writer says
         self.failure: str | None = None  # why the writer is gone, once it is
+        self.drain_seconds = math.nan  # how long `end` waited for the writer
         self.answers: queue.Queue = queue.Queue()  # read by a thread, so that waits can time out
 
     def launch(self) -> None:
@@ -408,12 +409,14 @@ class RecordingTracker(Tracker):
         """Hand over the end and wait for the writer to drain (at most DRAIN_LIMIT seconds)."""
         if self.process is None:
             return
-        deadline = time.monotonic() + DRAIN_LIMIT
+        begin = time.monotonic()
         try:
             self.send("end", status)
             self.process.stdin.close()  # type: ignore[union-attr]
-            while self.answer(timeout=max(0.0, deadline - time.monotonic()))[0] != "ended":
+            while self.answer(timeout=max(0.0, begin + DRAIN_LIMIT - time.monotonic()))[0] != "ended":
                 pass
+            self.drain_seconds = time.monotonic() - begin
+            log.debug("recorder drained in %.3f s", self.drain_seconds)
             return
         except RecorderDied:
             pass
