@@ -117,6 +117,14 @@ class TrackingBackend(Enum):
     none = "none"
 
 
+class History(Enum):
+    """What MLflow gets of each probe (bpexp/recorder.py); dynamics.parquet always keeps every probe."""
+
+    full = "full"
+    every_k = "every_k"
+    summary = "summary"
+
+
 # Data sets whose shape is fixed by the data itself, not by data.in_dim / data.out_dim.
 FIXED_SHAPE = {DataName.spirals: (2, None), DataName.digits: (64, 10), DataName.idx: (None, None)}
 
@@ -278,11 +286,16 @@ class TrackingConfig:
     """null = data-d<depth>w<width>-<activation>-<init>-<optim>-s<seed>."""
     timeout: float = 30.0
     """Seconds a tracking server may fail to answer before the run ends FAILED (its files stay on disk)."""
+    history: History = History.full
+    """What MLflow gets: full (every probe), every_k (per-layer keys every history_every steps), summary."""
+    history_every: int = 100
+    """tracking.history=every_k: per-layer keys at steps that are multiples of this (and the last probe)."""
 
     def __post_init__(self) -> None:
         require(
             math.isfinite(self.timeout) and self.timeout > 0, "tracking.timeout", self.timeout, "seconds > 0"
         )
+        require(self.history_every >= 1, "tracking.history_every", self.history_every, "an integer ≥ 1")
 
 
 @dataclass

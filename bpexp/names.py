@@ -139,7 +139,8 @@ class Tag(StrEnum):
     config_hash = "bpexp.config_hash"
     diverged_step = "bpexp.diverged_step"
     diverged_layer = "bpexp.diverged_layer"
-    error = "bpexp.error"
+    error = "bpexp.error"  # why a run failed: its exception, a lost store, a writer that died
+    killed_by = "bpexp.killed_by"  # a run its trainer left without closing it (SIGKILL, OOM, a crash)
     sweep = "bpexp.sweep"  # the sweep id, on the parent and every child
     sweep_key = "bpexp.sweep_key"  # what makes two launches the same sweep (resume)
     role = "bpexp.role"  # "sweep" on a sweep's parent run

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import torch
 
 from bpexp.config import Activation
 from bpexp.model import MLP
 from bpexp.names import TINY, Diagnosis, Metric, Quantity, layer_key, profile, split_key
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 F64 = torch.float64
 
@@ -177,6 +180,8 @@ class Dynamics:
 
     def frame(self) -> pd.DataFrame:
         """Columns step, layer (nullable: network-level quantities have none), quantity, value."""
+        import pandas as pd  # at the end only: half a second of start-up otherwise
+
         split = {key: split_key(key) for _, metrics in self.records for key in metrics}
         rows = [
             (step, *split[key], value) for step, metrics in self.records for key, value in metrics.items()

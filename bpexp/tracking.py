@@ -197,7 +197,7 @@ class Tracker(NullTracker):
         self.timeout = timeout  # seconds a remote store may fail to answer before the run gives up
         self.remote = uri.startswith(("http://", "https://"))
         self.lost: str | None = None  # why the store stopped answering; then every call is skipped
-        self.client = open_client(uri, timeout)
+        self._client: Any = None  # MLflow's client, opened on first use (see `client`)
         self.buffer: list[Any] = []
         self.last_flush = time.monotonic()
         self.skipped = 0  # non-finite values kept out of MLflow (they break its run pages)
@@ -251,6 +251,14 @@ class Tracker(NullTracker):
         folder = unclosed_folder()
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{self.run_id}.json").write_text(json.dumps(note))
+
+    @property
+    def client(self) -> Any:
+        """MLflow's client, opened on first use: a training process records through bpexp/recorder.py
+        and never imports MLflow itself."""
+        if self._client is None:
+            self._client = open_client(self.uri, self.timeout)
+        return self._client
 
     def run_url(self) -> str | None:
         """This run's page; `workflowType` because MLflow 3.17's UI otherwise opens its GenAI pages."""
@@ -363,13 +371,17 @@ def artifact_location(root: Path, experiment: str) -> str:
 
 
 def make_tracker(cfg: TrackingConfig, launch_dir: Path, parent_run_id: str | None = None) -> NullTracker:
-    """The run's tracker; inside a sweep, in the sweep's store and experiment, under its parent run."""
+    """The run's tracker (its writer process starts with the run); inside a sweep, in the sweep's store
+    and experiment, under its parent run."""
+    from bpexp.recorder import RecordingTracker
+
     if cfg.backend == TrackingBackend.none:
         return NullTracker()
+    history = {"history": cfg.history.value, "history_every": cfg.history_every}
     link = sweep_link()
     if link is not None:
         parent = parent_run_id or link["parent_run_id"]
-        return Tracker(link["uri"], link["experiment"], parent, link["tags"], cfg.timeout)
+        return RecordingTracker(link["uri"], link["experiment"], parent, link["tags"], cfg.timeout, **history)
     uri = resolve_uri(cfg, launch_dir)
     check_reachable(uri)
-    return Tracker(uri, cfg.experiment, parent_run_id, timeout=cfg.timeout)
+    return RecordingTracker(uri, cfg.experiment, parent_run_id, timeout=cfg.timeout, **history)

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import hydra
-import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -31,7 +30,6 @@ from bpexp.backprop import check_supported, gradcheck, manual_backward
 from bpexp.config import Config, ConfigError, Device, Engine, config_hash, flatten, to_config
 from bpexp.console import job_line, progress_fields, summary
 from bpexp.data import Dataset, make_data
-from bpexp.figures import gradient_profile_figure
 from bpexp.lifecycle import sigterm_as_interrupt
 from bpexp.model import MLP, build_mlp, first_nonfinite_layer
 from bpexp.names import STATUS, Diagnosis, Metric, Outcome, Quantity, Tag, diagnosis_change, is_experiment
@@ -174,8 +172,8 @@ def recorded(
         try:
             tags = {Tag.outcome: Outcome.running, Tag.diagnosis: Diagnosis.pending}
             tracker.start(result.name, params, {**tags, Tag.config_hash: config_hash(cfg)})
-            result.run_id, result.ui_url, result.tracking_uri = tracker.run_id, tracker.run_url(), tracker.uri
-            log.debug("run %s started (%s)", result.name, result.run_id or "not tracked")
+            result.tracking_uri = tracker.uri  # the run id comes with finish(): the writer creates the run
+            log.debug("run %s started (%s)", result.name, tracker.uri or "not tracked")
             loop_start = time.perf_counter()
             yield run
             tracker.flush()
@@ -235,6 +233,7 @@ def finish(cfg: Config, run: Run) -> None:
     """Tags, the divergence record, artifacts, then the run's final status: also after a failure."""
     result, tracker = run.result, run.tracker
     try:
+        result.run_id, result.ui_url = tracker.run_id, tracker.run_url()  # the recorder's answer
         tags = {Tag.outcome: result.outcome, Tag.diagnosis: result.diagnosis}
         if result.initial:
             tags[Tag.diagnosis_init] = result.diagnosis_init
@@ -259,6 +258,10 @@ def finish(cfg: Config, run: Run) -> None:
 
 
 def write_artifacts(cfg: Config, result: RunResult, dynamics: Dynamics) -> list[tuple[Path, str | None]]:
+    import matplotlib.pyplot as plt  # at the end only: 1 s of start-up otherwise
+
+    from bpexp.figures import gradient_profile_figure
+
     out_dir = result.out_dir
     (out_dir / "plots").mkdir(exist_ok=True)
     config_path = out_dir / "config.yaml"

@@ -7,7 +7,10 @@ For each MLP size the same data, model and steps run as: the bare PyTorch loop (
 with default settings (probes every 10 steps, MLflow logging into a SQLite store), and the harness
 probing every step. Variants alternate within each repetition and the median is reported. Start-up
 (imports, store, run creation) and teardown (artifacts) are reported separately as the fixed cost of
-a run. It also times the hand-written backward (train.engine=manual) against autograd.
+a run. It also times the hand-written backward (train.engine=manual) against autograd, and the write
+path (bpexp/recorder.py): metric values per second into the SQLite store through the writer process,
+one run and four at once, with MLflow's log_batch beside it; the end-of-run drain; the time from the
+command to the first training step.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from bpexp.config import Config, to_config
 from bpexp.data import make_data
 from bpexp.model import build_mlp
 from bpexp.optim import build_optimizer
+from bpexp.recorder import ClientMetrics, RecordingTracker
 from bpexp.tracking import Tracker
 from bpexp.train import minibatches, train
 
@@ -119,6 +123,76 @@ def fixed_costs() -> dict[str, float]:
     }
 
 
+def recorded(folder: Path, runs: int, probes: int, keys: int) -> float:
+    """Values per second and per run through `runs` writer processes at once (start-up not counted)."""
+    folder.mkdir()
+    store = f"sqlite:///{folder}/mlflow.db"
+    Tracker(store, "bpexp").experiment_id()
+    trackers = [RecordingTracker(store, "bpexp") for _ in range(runs)]
+    for i, tracker in enumerate(trackers):
+        tracker.start(f"bench{i}", {}, {})
+    for tracker in trackers:
+        assert tracker.run_id is not None  # the writers are up: what follows is the write path alone
+    start = time.perf_counter()
+    for step in range(probes):
+        for tracker in trackers:
+            tracker.log_metrics({f"q/l{k:03d}": step + k for k in range(keys)}, step)
+    for tracker in trackers:
+        tracker.end("FINISHED")
+    return probes * keys / (time.perf_counter() - start)
+
+
+def log_batch_rate(folder: Path, values: int) -> float:
+    """Values per second through MLflow's own log_batch (1000 per call), one run, in this process."""
+    tracker = Tracker(f"sqlite:///{folder}/mlflow.db", "bpexp")
+    tracker.start("log_batch", {}, {})
+    rows = [(f"q/l{i % 330:03d}", float(i), 0, i // 330) for i in range(values)]
+    start = time.perf_counter()
+    ClientMetrics(tracker.client, tracker.run_id).write(rows)  # type: ignore[arg-type]
+    rate = values / (time.perf_counter() - start)
+    tracker.end("FINISHED")
+    return rate
+
+
+def write_path(quick: bool) -> dict[str, float]:
+    """Store throughput (one run, four at once, log_batch), drain of a default run, command to first step."""
+    probes = 300 if quick else 1500  # probe steps of a 32-layer net: 330 values each
+    out: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        out["one run, values/s"] = recorded(Path(tmp) / "1", 1, probes, 330)
+        out["four runs, values/s per run"] = recorded(Path(tmp) / "4", 4, probes // 2, 330)
+        out["log_batch, values/s"] = log_batch_rate(Path(tmp) / "1", 10_000 if quick else 30_000)
+        drains = []
+        end = RecordingTracker.end
+
+        def timed_end(self: RecordingTracker, status: str) -> None:
+            end(self, status)
+            drains.append(self.drain_seconds)
+
+        RecordingTracker.end = timed_end  # type: ignore[method-assign]
+        try:
+            for _ in range(3):
+                train(config(f"tracking.uri=sqlite:///{tmp}/1/mlflow.db"), Path(tmp), Path(tmp) / "o")
+        finally:
+            RecordingTracker.end = end  # type: ignore[method-assign]
+        out["drain of a default run, s"] = statistics.median(drains)
+        out["command to first step, s"] = statistics.median(first_step(Path(tmp)) for _ in range(3))
+    return out
+
+
+def first_step(folder: Path) -> float:
+    """Seconds from `python -m bpexp.train` to its log line just before the loop (an existing store)."""
+    start = time.perf_counter()
+    command = [sys.executable, "-m", "bpexp.train", f"tracking.uri=sqlite:///{folder}/1/mlflow.db"]
+    command.append(f"hydra.run.dir={folder}/cli")
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:  # type: ignore[union-attr]
+            if " started (" in line:
+                seconds = time.perf_counter() - start
+        proc.wait()
+    return seconds
+
+
 def engine_ratio(steps: int, repeats: int) -> list[dict]:
     """Step time of the hand-written backward as a ratio to autograd's on the same MLP (probes off)."""
     rows = []
@@ -169,6 +243,13 @@ def main() -> None:
             f"autograd {r['autograd_ms']:.2f} ms/step, manual {r['manual_x']:.2f}x"
         )
     print("target: manual <= 1.5x")
+
+    print("\nthe write path (bpexp/recorder.py), SQLite store")
+    for key, value in write_path(args.quick).items():
+        print(f"  {key:<30} {value:10.3f}" if value < 100 else f"  {key:<30} {value:10.0f}")
+    print(
+        "targets: >= 50000 values/s one run, >= 20000 per run four at once, drain <= 0.3 s, first step <= 3 s"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ $BPEXP_SLOW_STEPS (so a test can stop it midway, and resume it short).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -15,6 +16,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -295,10 +297,10 @@ def test_sigterm_mid_sweep_leaves_nothing_running_and_resume_runs_only_the_rest(
         env={**cli_env(), "BPEXP_SLOW_STEPS": "100000000"},
         cwd=tmp_path,
     )
-    for line in proc.stdout:  # the slow job's run exists: stop the sweep the way a scheduler does
-        if "run slow started (" in line:
+    for line in proc.stdout:  # the slow job's trainer runs, and its run exists (written by its recorder)
+        if "run slow started (" in line and slow_run_exists(tmp_path / "mlflow.db"):
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # stop the sweep the way a scheduler does
     rest = proc.communicate(timeout=120)[0]
     assert proc.returncode != 0, rest[-3000:]
     parent, children = split(all_runs(store))
@@ -323,6 +325,17 @@ def test_sigterm_mid_sweep_leaves_nothing_running_and_resume_runs_only_the_rest(
     assert not finished & {r.data.tags["bpexp.config_hash"] for r in new}
     assert parent_after.data.tags["bpexp.summary"] == "4 jobs: 4 completed"
     assert parent_after.data.metrics["sweep/launched"] == len(new)
+
+
+def slow_run_exists(db: Path) -> bool:
+    """Wait on the store (not on time) until the recorder has created the run named slow."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with contextlib.suppress(sqlite3.Error), sqlite3.connect(db) as con:
+            if con.execute("select 1 from runs where name = 'slow'").fetchone():
+                return True
+        time.sleep(0.05)
+    return False
 
 
 @pytest.mark.slow
