@@ -85,5 +85,10 @@ def correlation_depth_scale(activation: Activation, sigma_w2: float, sigma_b2: f
 
 
 def trainable_depth(activation: Activation, sigma_w2: float, sigma_b2: float) -> float:
-    """The depth below which Schoenholz et al. 2017 found nets to train: TRAINABLE_DEPTHS · ξ_c."""
-    return TRAINABLE_DEPTHS * correlation_depth_scale(activation, sigma_w2, sigma_b2)
+    """The depth below which Schoenholz et al. 2017 found nets to train: TRAINABLE_DEPTHS · |ξ_c|.
+
+    ReLU-like activations have no chaotic fixed point with finite q* (past σ_w² = 1/c the signal grows
+    without bound, and χ_c(1) = χ1 > 1 gives a negative ξ_c): their line is 6/|ln χ1|, the depth over
+    which gradients grow or shrink by e^6.
+    """
+    return TRAINABLE_DEPTHS * abs(correlation_depth_scale(activation, sigma_w2, sigma_b2))

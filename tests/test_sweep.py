@@ -160,6 +160,8 @@ STUDIES = {
     "optimizers": 9,
     "best_practices": 320,
     "best_practices_small": 320,
+    "trainability": 32,
+    "trainability_relu": 20,
     "edge_of_chaos": 12,
     "he_init": 8,
     "lr_search": 20,
