@@ -178,7 +178,8 @@ def trainability_lines(grid: pd.DataFrame, activation: Activation, sigma_b2: flo
     )
     agree = int(np.sum(trained == inside))
     return [
-        f"Theory and measurement agree on {agree} of {values.size} cells (trained: below half the worst loss)."
+        f"Theory and measurement agree on {agree} of {values.size} cells"
+        " (trained: below half the worst loss)."
     ]
 
 
