@@ -317,6 +317,8 @@ class Config:
     """Seeds data, init, batches and dropout: same seed, bit-identical metrics."""
     device: Device = Device.auto
     """auto = cuda when available, else cpu."""
+    factors: dict[str, bool] = field(default_factory=dict)
+    """A factorial study's levels, one per factor (conf/experiment/practice): the report's effects."""
 
 
 def register() -> None:
