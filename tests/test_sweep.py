@@ -192,8 +192,9 @@ def test_every_study_preset_is_global_holds_its_command_and_sweeps_the_whole_stu
     assert lines[0] == "# @package _global_"
     assert lines[1].startswith(f"# python -m bpexp.train -m experiment={name}")
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        base = flatten(compose("train"))
         preset = OmegaConf.to_container(OmegaConf.load(CONF / "experiment" / f"{name}.yaml"), resolve=False)
+        parents = [d for d in preset.get("defaults", []) if isinstance(d, str)]  # a preset built on another
+        base = flatten(compose("train", overrides=[f"experiment={p}" for p in parents]))
         for key, value in dotted(preset):  # a preset holds only what changes
             if not key.startswith(("hydra.", "defaults")):
                 assert base.get(key) != value, f"{name}.yaml sets {key}={value!r}, already the default"
