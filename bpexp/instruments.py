@@ -230,18 +230,6 @@ def jacobian_spectrum(
 
 
 # -------------------------------------------------------------------------------------------- sharpness
-def _dot(u: Sequence[Tensor], v: Sequence[Tensor], members: bool) -> Tensor:
-    """⟨u, v⟩ over all parameters: a scalar, or (M,) per member when the parameters lead with M."""
-    if members:
-        return sum((a * b).flatten(1).sum(1) for a, b in zip(u, v, strict=True))  # type: ignore[return-value]
-    return sum((a * b).sum() for a, b in zip(u, v, strict=True))  # type: ignore[return-value]
-
-
-def _scale(s: Tensor, t: Tensor) -> Tensor:
-    """s (scalar or (M,)) shaped to multiply t member by member."""
-    return s.reshape(s.shape + (1,) * (t.dim() - s.dim()))
-
-
 @dataclass
 class Sharpness:
     top: Tensor
@@ -264,44 +252,49 @@ def top_hessian_eigenvalue(
     the algebraically largest eigenvalue, not the one of largest |λ| (negative curvature at init).
     members=True: parameters lead with a member dimension M and loss_fn returns the SUM of the members'
     losses, so the Hessian is block diagonal and each member gets its own Lanczos run, side by side.
+    Vectors live flat, (M, P), so reorthogonalization is two matrix products per iteration.
     Gradients are taken with torch.autograd.grad: no parameter's .grad is touched."""
     params = list(params)
+    lead = params[0].shape[0] if members else 1
+
+    def flat(tensors: Sequence[Tensor]) -> Tensor:  # (M, P)
+        return torch.cat([t.reshape(lead, -1) for t in tensors], dim=1)
+
+    def unflat(v: Tensor) -> list[Tensor]:  # views shaped like the parameters
+        sizes = [p.numel() // lead for p in params]
+        return [t.reshape(p.shape) for t, p in zip(v.split(sizes, dim=1), params, strict=True)]
+
     with torch.enable_grad():
         grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
 
-    def hvp(v: list[Tensor]) -> list[Tensor]:
-        return list(torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True))
-
-    def normalized(v: list[Tensor]) -> list[Tensor]:
-        norm = _dot(v, v, members).sqrt()
-        return [t / _scale(norm, t) for t in v]
+    def hvp(v: Tensor) -> Tensor:
+        return flat(torch.autograd.grad(grads, params, grad_outputs=unflat(v), retain_graph=True))
 
     if start is None:
         generator = torch.Generator(device=params[0].device).manual_seed(0)
         start = [torch.randn(p.shape, generator=generator, dtype=p.dtype, device=p.device) for p in params]
-    v = normalized([t.detach().clone() for t in start])
-    basis, alphas, betas = [v], [], []
     with torch.no_grad():
+        v = flat(start).detach()
+        Q = v.new_zeros(lead, iters, v.shape[1])  # the Lanczos basis q_1 … q_k, filled row by row
+        Q[:, 0] = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+        alphas, betas = [], []
         for i in range(iters):
-            w = hvp(basis[-1])
-            alpha = _dot(w, basis[-1], members)
-            alphas.append(alpha)
-            for u in basis:  # full reorthogonalization: cheap at these sizes, and keeps T honest
-                c = _dot(w, u, members)
-                w = [wi - _scale(c, wi) * ui for wi, ui in zip(w, u, strict=True)]
-            beta = _dot(w, w, members).sqrt()
-            if i == iters - 1 or bool((beta <= 1e-12 * alpha.abs().clamp_min(1e-30)).all()):
-                break
+            w = hvp(Q[:, i])
+            alphas.append((w * Q[:, i]).sum(1))
+            basis = Q[:, : i + 1]  # (M, k, P)
+            w = w - ((basis @ w.unsqueeze(-1)).mT @ basis).squeeze(1)  # full reorthogonalization
+            beta = torch.linalg.vector_norm(w, dim=1)  # (M,)
+            if i == iters - 1 or bool((beta <= 1e-12 * alphas[-1].abs().clamp_min(1e-30)).all()):
+                break  # the last product, or an invariant subspace: T holds the exact eigenvalues
             betas.append(beta)
-            basis.append([wi / _scale(beta, wi) for wi in w])
+            Q[:, i + 1] = w / beta.unsqueeze(1)
         k = len(alphas)
-        T = torch.diag_embed(torch.stack(alphas, -1))  # (..., k, k) tridiagonal
-        if k > 1:
+        T = torch.diag_embed(torch.stack(alphas, -1))  # (M, k, k), tridiagonal
+        if betas:
             off = torch.diag_embed(torch.stack(betas, -1), offset=1)
             T = T + off + off.mT
         evals, evecs = torch.linalg.eigh(T)
-        top, s = evals[..., -1], evecs[..., -1]  # (...,), (..., k)
-        vector = [
-            sum(_scale(s[..., j], b[i]) * b[i] for j, b in enumerate(basis[:k])) for i in range(len(params))
-        ]
-    return Sharpness(top=top, vector=normalized(vector))  # type: ignore[arg-type]
+        ritz = (evecs[..., -1].unsqueeze(1) @ Q[:, :k]).squeeze(1)  # (M, P)
+        ritz = ritz / torch.linalg.vector_norm(ritz, dim=1, keepdim=True)
+    top = evals[..., -1]
+    return Sharpness(top=top if members else top[0], vector=unflat(ritz))
