@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bpexp.config import Activation, ConfigError
+from bpexp.config import Activation, ConfigError, Loss
 from bpexp.model import MLP
 
 SELU_ALPHA = 1.6732632423543772848170429916717  # torch's constants (Klambauer et al. 2017)
@@ -142,17 +142,34 @@ def skips(model: MLP, l: int) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- backward
-def loss_value(out: Tensor, y: Tensor, classification: bool) -> Tensor:
+def resolve_loss(loss: Loss, classification: bool) -> Loss:
+    """train.loss made concrete: auto is cross_entropy for classification data and mse otherwise."""
+    if loss == Loss.auto:
+        return Loss.cross_entropy if classification else Loss.mse
+    if loss == Loss.cross_entropy and not classification:
+        raise ConfigError("train.loss=cross_entropy needs classification data; use auto or mse")
+    return loss
+
+
+def mse_targets(y: Tensor, out: Tensor, classification: bool) -> Tensor:
+    """The regression targets, or one-hot rows for class labels (MSE on classification data)."""
+    return F.one_hot(y, out.shape[-1]).to(out.dtype) if classification else y
+
+
+def loss_value(out: Tensor, y: Tensor, classification: bool, loss: Loss = Loss.auto) -> Tensor:
     """The training loss: softmax cross-entropy (mean over the batch) or MSE (mean over batch and outputs)."""
-    return F.cross_entropy(out, y) if classification else F.mse_loss(out, y)
+    if resolve_loss(loss, classification) == Loss.cross_entropy:
+        return F.cross_entropy(out, y)
+    return F.mse_loss(out, mse_targets(y, out, classification))
 
 
-def output_delta(z_L: Tensor, y: Tensor, classification: bool) -> Tensor:
-    """δ^(L) = ∂L/∂z^(L): (softmax(z) − onehot(y))/batch for cross-entropy, 2(a − y)/(batch·out) for MSE."""
+def output_delta(z_L: Tensor, y: Tensor, classification: bool, loss: Loss = Loss.auto) -> Tensor:
+    """δ^(L) = ∂L/∂z^(L): (softmax(z) − onehot(y))/batch for cross-entropy, 2(a − y)/(batch·out) for MSE
+    (y one-hot for classification data)."""
     batch, out_dim = z_L.shape
-    if classification:
+    if resolve_loss(loss, classification) == Loss.cross_entropy:
         return (torch.softmax(z_L, dim=1) - F.one_hot(y, out_dim).to(z_L.dtype)) / batch  # (batch, out)
-    return 2 * (z_L - y) / (batch * out_dim)  # a^(L) = z^(L), (batch, out)
+    return 2 * (z_L - mse_targets(y, z_L, classification)) / (batch * out_dim)  # a^(L) = z^(L), (batch, out)
 
 
 @dataclass
@@ -163,7 +180,9 @@ class ManualResult:
     forward: ForwardPass
 
 
-def backward(model: MLP, fp: ForwardPass, y: Tensor, classification: bool) -> ManualResult:
+def backward(
+    model: MLP, fp: ForwardPass, y: Tensor, classification: bool, loss: Loss = Loss.auto
+) -> ManualResult:
     """The seed's backward pass from δ^(L) down to δ^(1), and ∂L/∂W^(l) = δ^(l) a^(l-1)ᵀ, ∂L/∂b^(l) = Σ δ^(l).
 
     With g^(l) = ∂L/∂a^(l): δ^(l) = g^(l) ⊙ m^(l) ⊙ f'(z^(l)) and g^(l-1) = δ^(l) W^(l) (+ g^(l) when
@@ -173,7 +192,7 @@ def backward(model: MLP, fp: ForwardPass, y: Tensor, classification: bool) -> Ma
     f_prime = DERIVATIVES[model.activation]
     L = model.n_layers
     with torch.no_grad():
-        d = output_delta(fp.z[L - 1], y, classification)  # δ^(L), (batch, out)
+        d = output_delta(fp.z[L - 1], y, classification, loss)  # δ^(L), (batch, out)
         delta = [d]  # filled from the top: δ^(L), then δ^(L-1) in front of it, …
         g = d @ model.linears[L - 1].weight  # g^(L-1) = δ^(L) W^(L), (batch, width)
         for l in range(L - 1, 0, -1):
@@ -186,16 +205,21 @@ def backward(model: MLP, fp: ForwardPass, y: Tensor, classification: bool) -> Ma
             (d.T @ a_prev, d.sum(0))  # ∂L/∂W^(l) = δ^(l)ᵀ a^(l-1) (batch-first), ∂L/∂b^(l) = Σ_batch δ^(l)
             for d, a_prev in zip(delta, fp.a[:-1], strict=True)
         ]
-        loss = loss_value(fp.a[L], y, classification)
-    return ManualResult(loss, delta, grads, fp)
+        value = loss_value(fp.a[L], y, classification, loss)
+    return ManualResult(value, delta, grads, fp)
 
 
 def manual_backward(
-    model: MLP, x: Tensor, y: Tensor, classification: bool, masks: list[Tensor] | None = None
+    model: MLP,
+    x: Tensor,
+    y: Tensor,
+    classification: bool,
+    masks: list[Tensor] | None = None,
+    loss: Loss = Loss.auto,
 ) -> ManualResult:
     """Forward and backward by hand, then add ∂L/∂W^(l), ∂L/∂b^(l) into every parameter's ``.grad``
     (accumulating, as loss.backward() does), so any torch optimizer can step on the hand-made gradients."""
-    result = backward(model, forward(model, x, masks), y, classification)
+    result = backward(model, forward(model, x, masks), y, classification, loss)
     for linear, (dW, db) in zip(model.linears, result.grads, strict=True):
         for p, g in ((linear.weight, dW), (linear.bias, db)):
             if p.grad is None:
@@ -214,7 +238,7 @@ def sgd_step(model: MLP, grads: list[tuple[Tensor, Tensor]], lr: float) -> None:
 
 
 # ------------------------------------------------------------------------------------------- gradcheck
-def gradcheck(model: MLP, x: Tensor, y: Tensor, classification: bool) -> float:
+def gradcheck(model: MLP, x: Tensor, y: Tensor, classification: bool, loss: Loss = Loss.auto) -> float:
     """max over l of ‖g_manual − g_autograd‖ / ‖g_autograd‖ for g = ∂L/∂W^(l) and ∂L/∂b^(l), on one batch.
 
     Dropout: when it is on (model.training, p > 0) both engines use the same mask, drawn from a private
@@ -222,10 +246,10 @@ def gradcheck(model: MLP, x: Tensor, y: Tensor, classification: bool) -> float:
     torch.autograd.grad, so no ``.grad`` is touched.
     0/0 counts as 0, x/0 as inf. One host sync per call (meant for probe steps)."""
     masks = dropout_masks(model, x, torch.Generator(device=x.device).manual_seed(0))
-    manual = backward(model, forward(model, x, masks), y, classification)
+    manual = backward(model, forward(model, x, masks), y, classification, loss)
     params = [p for linear in model.linears for p in (linear.weight, linear.bias)]
     with replay_masks(model, masks), torch.enable_grad():
-        auto = torch.autograd.grad(loss_value(model(x), y, classification), params)
+        auto = torch.autograd.grad(loss_value(model(x), y, classification, loss), params)
     mine = [g for pair in manual.grads for g in pair]
     errors = torch.stack(
         [relative_error(m.double(), a.double()) for m, a in zip(mine, auto, strict=True)]

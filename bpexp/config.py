@@ -112,6 +112,12 @@ class Engine(Enum):
     manual = "manual"  # the hand-written equations of backprop.py
 
 
+class Loss(Enum):
+    auto = "auto"  # cross_entropy for classification data, mse otherwise
+    mse = "mse"  # on one-hot targets for classification data
+    cross_entropy = "cross_entropy"
+
+
 class TrackingBackend(Enum):
     mlflow = "mlflow"
     none = "none"
@@ -251,6 +257,8 @@ class TrainLoopConfig:
     """torch intra-op threads; 1 suits small MLPs and one-job-per-core sweeps."""
     engine: Engine = Engine.autograd
     """Who computes ∂L/∂θ: autograd, or manual (backprop.py's equations; the optimizer is the same)."""
+    loss: Loss = Loss.auto
+    """auto: cross_entropy for classification data, mse otherwise; mse: on one-hot targets for classes."""
 
     def __post_init__(self) -> None:
         require(self.steps >= 0, "train.steps", self.steps, "an integer ≥ 0")
@@ -268,10 +276,27 @@ class ProbesConfig:
     """false = no per-layer probes: losses are still logged, and the diagnosis is `unprobed`."""
     gradcheck_every: int = 0
     """Every this many steps, log gradcheck/max_rel_err between the manual and autograd engines; 0 = off."""
+    noise: bool = False
+    """Per-example gradient statistics each probe step: grad_noise/*, gns/*, gsnr/* (none with batchnorm)."""
+    noise_batch: int | None = None
+    """Their examples: null = the step's minibatch, N ≥ 2 = N drawn for the probe, 0 = all training data."""
+    jacobian_every: int | None = 0
+    """Input-output Jacobian spectrum (jacobian/*): 0 = at init only, N = also every N steps, null = off."""
+    sharpness_every: int | None = None
+    """Top Hessian eigenvalue (sharpness/*) every this many steps; null = off."""
+    sharpness_iters: int = 20
+    """Lanczos iterations (Hessian-vector products) per sharpness estimate, warm-started."""
 
     def __post_init__(self) -> None:
         require(self.every >= 1, "probes.every", self.every, "an integer ≥ 1")
         require(self.gradcheck_every >= 0, "probes.gradcheck_every", self.gradcheck_every, "an integer ≥ 0")
+        nb = self.noise_batch
+        require(nb is None or nb == 0 or nb >= 2, "probes.noise_batch", nb, "null (the minibatch), 0 or ≥ 2")
+        je = self.jacobian_every
+        require(je is None or je >= 0, "probes.jacobian_every", je, "null (off), 0 (init only) or ≥ 1")
+        se = self.sharpness_every
+        require(se is None or se >= 1, "probes.sharpness_every", se, "null (off) or an integer ≥ 1")
+        require(self.sharpness_iters >= 1, "probes.sharpness_iters", self.sharpness_iters, "an integer ≥ 1")
 
 
 @dataclass
