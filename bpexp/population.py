@@ -378,7 +378,7 @@ class Population:
         seconds = time.perf_counter() - start
         for member in members:
             result = member.result
-            result.loop_seconds = seconds
+            result.loop_seconds = result.seconds = seconds  # the population's, shared by its members
             result.diagnosis = "diverged" if result.outcome == "diverged" else diagnose(result.metrics)
         return [member.result for member in members]
 
