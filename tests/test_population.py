@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import make_config
+from conftest import cli, cli_env, make_config
 
+from bpexp.analysis import load_dynamics, load_runs
 from bpexp.config import ConfigError
 from bpexp.population import Population, group_key, train_population
 from bpexp.train import train
@@ -89,3 +92,50 @@ def test_manual_engine_refuses_batchnorm_as_a_lone_run_does():
     cfg = make_config(*SMALL, "train.engine=manual", "model.norm=batchnorm")
     with pytest.raises(ConfigError, match=r"train\.engine=manual"):
         Population([cfg])
+
+
+SWEEP = (
+    "train.dtype=float64",
+    "train.steps=12",
+    "probes.every=4",
+    "train.eval_every=6",
+    "model.depth=2",
+    "model.width=8",
+)
+
+
+def sweep(tmp_path, launcher: str, experiment: str) -> subprocess.CompletedProcess:
+    args = [*SWEEP, "seed=0,1", "optim.lr=0.001,0.003", f"tracking.experiment={experiment}"]
+    return subprocess.run(
+        cli("-m", f"hydra/launcher={launcher}", *args, f"hydra.sweep.dir={tmp_path}/{launcher}"),
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.slow
+def test_a_batched_sweep_records_the_runs_a_basic_sweep_records(tmp_path):
+    """Same sweep, both launchers, one store: load_runs and load_dynamics give the same frames (float64:
+    in float32, baddbmm and addmm round differently, so members agree to float32 rounding only)."""
+    basic, batched = sweep(tmp_path, "basic", "lone"), sweep(tmp_path, "batched", "population")
+    assert basic.returncode == 0, basic.stderr[-3000:]
+    assert batched.returncode == 0, batched.stderr[-3000:]
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    lone, population = load_runs("lone", tracking_uri=uri), load_runs("population", tracking_uri=uri)
+    assert len(population) == 4 and population["parent_run_id"].nunique() == 1
+    assert set(population["status"]) == {"FINISHED"}
+    assert population["population"].nunique() == 1 and set(population["population_size"]) == {"4"}
+    differ = ["run_id", "start_time", "duration_s", "experiment_id", "artifact_uri", "parent_run_id"]
+    differ += ["sweep", "job_dir", "population", "population_size", "run_name", "tracking.experiment"]
+    differ += ["tracking.run_name"]  # names lead with the overrides, which name the experiment
+    by_job = lambda frame: frame.sort_values("job").reset_index(drop=True)  # noqa: E731
+    expected = by_job(lone).drop(columns=differ, errors="ignore")
+    got = by_job(population).drop(columns=differ, errors="ignore")
+    pd.testing.assert_frame_equal(got[expected.columns], expected, rtol=1e-9)
+    assert list(got.columns) == list(expected.columns)
+    lone_dynamics = load_dynamics(by_job(lone)).drop(columns="run_id")
+    population_dynamics = load_dynamics(by_job(population)).drop(columns="run_id")
+    pd.testing.assert_frame_equal(population_dynamics, lone_dynamics, rtol=1e-9)
