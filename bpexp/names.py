@@ -147,6 +147,8 @@ class Tag(StrEnum):
     job = "bpexp.job"
     job_dir = "bpexp.job_dir"
     summary = "bpexp.summary"
+    population = "bpexp.population"  # the id shared by the members trained together (hydra/launcher=batched)
+    population_size = "bpexp.population_size"
     parent = "mlflow.parentRunId"
     note = "mlflow.note.content"  # the run's Description in the MLflow UI
 

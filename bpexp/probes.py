@@ -8,7 +8,9 @@ squares underflow to an exact 0 below ~1e-19, which deep badly-initialized nets 
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Container
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +56,6 @@ class Probes:
         self.pending: dict[str, torch.Tensor] = {}
         self.scalars: dict[str, torch.Tensor] = {}
         self.before: list[torch.Tensor] = []
-        self.keys: dict[str, list[str]] = {}
 
     def due(self, step: int) -> bool:
         """A probe step of the loop (the trained net gets one more probe after the last step)."""
@@ -93,12 +94,7 @@ class Probes:
         std, mean = torch.std_mean(hidden, dim=(1, 2))
         stats[Quantity.act_mean] = torch.cat([mean, stats[Quantity.act_mean]])
         stats[Quantity.act_std] = torch.cat([std, stats[Quantity.act_std]])
-        if model.activation in SATURATION_DERIVATIVE:
-            derivative = SATURATION_DERIVATIVE[model.activation](hidden)
-            stats[Quantity.saturation] = (derivative < 0.05).to(F64).mean((1, 2))
-        if model.activation in DEAD_FAMILY or model.activation in NONPOSITIVE_FAMILY:
-            name = Quantity.dead if model.activation in DEAD_FAMILY else Quantity.nonpositive
-            stats[name] = (hidden <= 0).all(dim=1).to(F64).mean(1)
+        stats.update(unit_shares(model.activation, hidden, batch_dim=1))
         return stats
 
     @torch.no_grad()
@@ -110,29 +106,50 @@ class Probes:
             p[Quantity.update_ratio] = update / p[Quantity.weight_norm].clamp_min(TINY)
         p.update(self.scalars)
         values = torch.cat(list(p.values())).cpu().numpy()  # one sync per probe step
-        metrics: dict[str, float] = {}
-        chunks: dict[str, np.ndarray] = {}
-        offset = 0
-        for name, tensor in p.items():
-            chunks[name] = chunk = values[offset : offset + len(tensor)]
-            offset += len(tensor)
-            if name in self.scalars:
-                metrics[name] = float(chunk[0])
-            else:
-                metrics.update(zip(self.layer_keys(name, len(chunk)), chunk.tolist(), strict=True))
-        metrics[Metric.delta_ratio], metrics[Metric.delta_slope] = profile(chunks[Quantity.delta_norm])
-        metrics[Metric.grad_ratio], metrics[Metric.grad_slope] = profile(chunks[Quantity.grad_norm])
-        squares = np.sum(chunks[Quantity.grad_norm] ** 2) + np.sum(chunks[Quantity.grad_norm_b] ** 2)
-        metrics[Metric.grad_norm_total] = float(np.sqrt(squares))
+        metrics = row_metrics(values, [(name, len(t)) for name, t in p.items()], self.scalars)
         self.pending, self.scalars, self.before = {}, {}, []
         return metrics
 
-    def layer_keys(self, quantity: str, n: int) -> list[str]:
-        """`quantity/l001` … for n layers, built once per quantity."""
-        keys = self.keys.get(quantity)
-        if keys is None or len(keys) != n:
-            keys = self.keys[quantity] = [layer_key(quantity, l) for l in range(1, n + 1)]
-        return keys
+
+def unit_shares(activation: Activation, hidden: torch.Tensor, batch_dim: int) -> dict[str, torch.Tensor]:
+    """Per hidden layer: the share of saturated units (tanh/sigmoid family), and the share of units at
+    or below 0 on the whole batch (`dead` for relu, `nonpositive` for its smooth cousins, which still
+    pass gradient there). hidden: (…, L-1, batch, width) with the batch at `batch_dim`."""
+    stats = {}
+    if activation in SATURATION_DERIVATIVE:
+        derivative = SATURATION_DERIVATIVE[activation](hidden)
+        stats[Quantity.saturation] = (derivative < 0.05).to(F64).mean((batch_dim, batch_dim + 1))
+    if activation in DEAD_FAMILY or activation in NONPOSITIVE_FAMILY:
+        name = Quantity.dead if activation in DEAD_FAMILY else Quantity.nonpositive
+        stats[name] = (hidden <= 0).all(dim=batch_dim).to(F64).mean(batch_dim)
+    return stats
+
+
+def row_metrics(row: np.ndarray, widths: list[tuple[str, int]], scalars: Container[str]) -> dict[str, float]:
+    """One net's probe as metrics: `row` holds each quantity's values (`widths`: name, count) in order;
+    scalars keep their key, per-layer quantities become `quantity/lNNN`; then the δ and ∂L/∂W profiles
+    and the global gradient norm."""
+    metrics: dict[str, float] = {}
+    chunks: dict[str, np.ndarray] = {}
+    offset = 0
+    for name, n in widths:
+        chunks[name] = chunk = row[offset : offset + n]
+        offset += n
+        if name in scalars:
+            metrics[name] = float(chunk[0])
+        else:
+            metrics.update(zip(layer_keys(name, n), chunk.tolist(), strict=True))
+    metrics[Metric.delta_ratio], metrics[Metric.delta_slope] = profile(chunks[Quantity.delta_norm])
+    metrics[Metric.grad_ratio], metrics[Metric.grad_slope] = profile(chunks[Quantity.grad_norm])
+    squares = np.sum(chunks[Quantity.grad_norm] ** 2) + np.sum(chunks[Quantity.grad_norm_b] ** 2)
+    metrics[Metric.grad_norm_total] = float(np.sqrt(squares))
+    return metrics
+
+
+@functools.cache
+def layer_keys(quantity: str, n: int) -> tuple[str, ...]:
+    """`quantity/l001` … for n layers, built once."""
+    return tuple(layer_key(quantity, l) for l in range(1, n + 1))
 
 
 def norms(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -229,6 +229,19 @@ class RunWriter:
         self.tracker.client.set_terminated(self.run_id, status)
 
 
+def log_history(tracker: Tracker, records: list[tuple[int, dict[str, float]]], mode: str, every: int) -> None:
+    """A run's probes that already exist (a population's member) into its store in one go, as the
+    writer would have written them: tracking.history's choice, bulk SQL where the store allows."""
+    if tracker.run_id is None:
+        return
+    history, now = History(mode, every), int(time.time() * 1000)
+    rows = [row for step, metrics in records for row in history.select(step, now, metrics)]
+    rows = [row for row in [*rows, *history.last()] if math.isfinite(row[1])]
+    metrics = metric_writer(tracker.client, tracker.uri, tracker.run_id)
+    for i in range(0, len(rows), BATCH):
+        metrics.write(rows[i : i + BATCH])
+
+
 def read_messages(inbox: BinaryIO, messages: queue.Queue) -> None:
     """The writer's reader thread: the pipe into memory as fast as it fills; None at end-of-file."""
     try:

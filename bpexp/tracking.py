@@ -370,18 +370,24 @@ def artifact_location(root: Path, experiment: str) -> str:
     return (root / "mlartifacts" / slug).as_uri()
 
 
-def make_tracker(cfg: TrackingConfig, launch_dir: Path, parent_run_id: str | None = None) -> NullTracker:
-    """The run's tracker (its writer process starts with the run); inside a sweep, in the sweep's store
-    and experiment, under its parent run."""
+def make_tracker(
+    cfg: TrackingConfig, launch_dir: Path, parent_run_id: str | None = None, writer: bool = True
+) -> NullTracker:
+    """The run's tracker, inside a sweep in the sweep's store and experiment, under its parent run.
+    `writer`: a training run records through its own writer process (bpexp/recorder.py); a run whose
+    values already exist (a population's member) is written from this process."""
     from bpexp.recorder import RecordingTracker
 
     if cfg.backend == TrackingBackend.none:
         return NullTracker()
-    history = {"history": cfg.history.value, "history_every": cfg.history_every}
     link = sweep_link()
     if link is not None:
-        parent = parent_run_id or link["parent_run_id"]
-        return RecordingTracker(link["uri"], link["experiment"], parent, link["tags"], cfg.timeout, **history)
-    uri = resolve_uri(cfg, launch_dir)
-    check_reachable(uri)
-    return RecordingTracker(uri, cfg.experiment, parent_run_id, timeout=cfg.timeout, **history)
+        uri, experiment, tags = link["uri"], link["experiment"], link["tags"]
+        parent_run_id = parent_run_id or link["parent_run_id"]
+    else:
+        uri, experiment, tags = resolve_uri(cfg, launch_dir), cfg.experiment, None
+        check_reachable(uri)
+    if not writer:
+        return Tracker(uri, experiment, parent_run_id, tags, cfg.timeout)
+    history = {"history": cfg.history.value, "history_every": cfg.history_every}
+    return RecordingTracker(uri, experiment, parent_run_id, tags, cfg.timeout, **history)

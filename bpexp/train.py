@@ -158,26 +158,35 @@ class Run:
 
 @contextmanager
 def recorded(
-    cfg: Config, tracker: NullTracker, out_dir: Path, prediction: Prediction | None
+    cfg: Config,
+    tracker: NullTracker,
+    out_dir: Path,
+    prediction: Prediction | None,
+    trained: Run | None = None,
+    tags: dict[str, str] | None = None,
 ) -> Iterator[Run]:
     """The run's lifecycle: created RUNNING (SIGTERM from then on ends it KILLED, never RUNNING); after
     the loop the diagnosis; whatever happens, the tags, the artifacts and the final status; on an
-    exception also traceback.txt (FAILED) before it propagates."""
-    result = RunResult(name=run_name(cfg), out_dir=out_dir)
-    run = Run(tracker, result, prediction.metrics() if prediction else {})
+    exception also traceback.txt (FAILED) before it propagates.
+
+    `trained`: a run already trained elsewhere (a population's member, bpexp/batched.py), recorded by
+    the same lifecycle; its seconds are the population's, and its figure is left to the report."""
+    result = trained.result if trained else RunResult(name=run_name(cfg))
+    result.out_dir = out_dir
+    run = trained or Run(tracker, result, prediction.metrics() if prediction else {})
     params = {k: v for k, v in flatten(cfg).items() if not k.startswith("sweep.")}  # sweep.*: how, not what
     params.update(prediction.params() if prediction else {})
     start = time.perf_counter()
     with sigterm_as_interrupt():
         try:
-            tags = {Tag.outcome: Outcome.running, Tag.diagnosis: Diagnosis.pending}
-            tracker.start(result.name, params, {**tags, Tag.config_hash: config_hash(cfg)})
+            state = {Tag.outcome: Outcome.running, Tag.diagnosis: Diagnosis.pending}
+            tracker.start(result.name, params, {**state, Tag.config_hash: config_hash(cfg), **(tags or {})})
             result.tracking_uri = tracker.uri  # the run id comes with finish(): the writer creates the run
             log.debug("run %s started (%s)", result.name, tracker.uri or "not tracked")
             loop_start = time.perf_counter()
             yield run
             tracker.flush()
-            result.loop_seconds = time.perf_counter() - loop_start
+            result.loop_seconds = result.loop_seconds or time.perf_counter() - loop_start
             ended = result.outcome == Outcome.diverged
             result.diagnosis = Diagnosis.diverged if ended else diagnose(result.metrics)
         except KeyboardInterrupt:
@@ -190,9 +199,9 @@ def recorded(
             raise
         finally:
             try:
-                finish(cfg, run)
+                finish(cfg, run, figure=trained is None)
             finally:
-                result.seconds = time.perf_counter() - start
+                result.seconds = result.seconds or time.perf_counter() - start
 
 
 @dataclass
@@ -229,7 +238,7 @@ def backprop_pass(
     return Pass(loss, out, [z.grad for z in zs], [*acts, out.detach()])
 
 
-def finish(cfg: Config, run: Run) -> None:
+def finish(cfg: Config, run: Run, figure: bool = True) -> None:
     """Tags, the divergence record, artifacts, then the run's final status: also after a failure."""
     result, tracker = run.result, run.tracker
     try:
@@ -244,7 +253,7 @@ def finish(cfg: Config, run: Run) -> None:
             tracker.log_metrics({Metric.diverged_step: result.diverged_step}, result.diverged_step)
         tags[Tag.note] = summary(result)  # the run's Description in the MLflow UI
         tracker.set_tags(tags)
-        artifacts = write_artifacts(cfg, result, run.dynamics)  # on disk whatever the outcome
+        artifacts = write_artifacts(cfg, result, run.dynamics, figure)  # on disk whatever the outcome
         if result.outcome in (Outcome.completed, Outcome.diverged):
             for path, folder in artifacts:
                 tracker.log_artifact(path, folder)
@@ -257,7 +266,9 @@ def finish(cfg: Config, run: Run) -> None:
         tracker.end(STATUS[result.outcome])
 
 
-def write_artifacts(cfg: Config, result: RunResult, dynamics: Dynamics) -> list[tuple[Path, str | None]]:
+def write_artifacts(
+    cfg: Config, result: RunResult, dynamics: Dynamics, figure: bool = True
+) -> list[tuple[Path, str | None]]:
     import matplotlib.pyplot as plt  # at the end only: 1 s of start-up otherwise
 
     from bpexp.figures import gradient_profile_figure
@@ -269,7 +280,7 @@ def write_artifacts(cfg: Config, result: RunResult, dynamics: Dynamics) -> list[
     frame = dynamics.frame()  # built once: for the Parquet file and for the figure
     frame.to_parquet(out_dir / "dynamics.parquet", index=False)
     artifacts = [(config_path, None), (out_dir / "dynamics.parquet", None)]
-    if (frame["quantity"] == Quantity.delta_norm).any():
+    if figure and (frame["quantity"] == Quantity.delta_norm).any():
         state = diagnosis_change(result.diagnosis_init, result.diagnosis)
         fig = gradient_profile_figure(frame, title=f"{result.name}: {result.outcome}, {state}")
         fig.savefig(out_dir / "plots" / "gradient_profile.png", dpi=110)

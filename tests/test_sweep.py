@@ -174,6 +174,7 @@ STUDIES = {
     "edge_of_chaos": 12,
     "he_init": 8,
     "lr_search": 20,
+    "seeds_at_scale": 576,
 }
 
 
