@@ -143,6 +143,8 @@ def sentence(
     effect, lo, hi = row["effect"], row["lo"], row["hi"]
     if not math.isfinite(effect):
         return f"{term}: no estimate (a level has no finite run)"
+    if effect == 0:
+        return f"{term}: no change in {what}"
     unit = f" {unit}" if unit else ""
     if not math.isfinite(lo):
         interval = f"{unit} (one seed: no interval)"

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from bpexp import analysis, store
+from bpexp import analysis, store, studies
 from bpexp.console import count
 from bpexp.figures import (
     bars_with_ci,
@@ -65,6 +65,7 @@ class Report:
     figures: dict[str, Path] = field(default_factory=dict)
     tables: dict[str, Path] = field(default_factory=dict)
     logged_to: str | None = None  # the parent run that holds the report as artifacts under report/
+    studies: list[studies.Section] = field(default_factory=list)  # sections of a designed study
 
 
 def build_report(
@@ -114,6 +115,12 @@ def build_report(
             plt.close(fig)
             report.figures[name] = path
     bar.close()
+    report.studies = studies.sections(summary)  # a designed study's answers: effects, trainability
+    for section in report.studies:
+        for name, fig in section.figures.items():
+            fig.savefig(directory / f"{name}.png", dpi=DPI)
+            plt.close(fig)
+            report.figures[name] = directory / f"{name}.png"
     report.tables["configs"] = directory / "configs.csv"
     configs.to_csv(report.tables["configs"], index=False)
     report.tables["runs"] = directory / "runs.csv"
@@ -417,6 +424,9 @@ def markdown(report: Report, sources: dict[str, int]) -> str:
         markdown_table(configs_for_markdown(report.configs)),
         "",
     ]
+    for section in report.studies:  # the study's answer comes before the per-run evidence
+        lines += [f"## {section.title}", "", *section.lines, ""]
+        lines += [f"![{name}]({name}.png)" for name in section.figures] + [""]
     sections = {
         "init_profile": (
             "Gradient profile at initialization",

@@ -77,3 +77,36 @@ def test_trainability_needs_both_axes(missing):
         columns=missing
     )
     assert trainability_section(frame) is None
+
+
+@pytest.mark.slow
+def test_a_factorial_sweep_is_reported_with_its_effects(tmp_path):
+    """A real 2×2 factorial sweep × 2 seeds (batch norm, Adam) into a store: the report gives effects."""
+    import subprocess
+
+    from conftest import cli, cli_env
+
+    from bpexp.report import build_report
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [
+        "-m",
+        "+experiment/practice/batchnorm=off,on",
+        "+experiment/practice/adam=off,on",
+        "seed=0,1",
+        "optim=sgd",
+        "model.depth=3",
+        "model.width=16",
+        "train.steps=30",
+        f"tracking.uri={store}",
+        f"hydra.sweep.dir={tmp_path}/multirun",
+    ]
+    done = subprocess.run(
+        cli(*args), cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = build_report("latest", tracking_uri=store, out_dir=tmp_path / "reports", log=False)
+    text = report.markdown.read_text()
+    assert "## Effects" in text and "2 factors, 4 cells, 8 runs" in text
+    assert "- batch norm " in text and "- Adam " in text and "Adam with batch norm: together they" in text
+    assert report.figures["effects"].stat().st_size > 0
