@@ -5,15 +5,13 @@ bpexp.train that costs its imports (torch, MLflow: about 4 s); here it costs Hyd
 answer is Hydra's own bash completion over the same config files, except for keys whose schema type is an
 enum or a bool: those are offered by value name (`model.activation=tanh`, all nine), where Hydra offers
 only the current value as Python prints it (`model.activation=Activation.relu`). Every other command,
-`-sc install=bash` included, goes on to bpexp.train.main.
+`-sc install=bash` included, goes on to bpexp.train.cli.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
-import typing
 from enum import Enum
 from pathlib import Path
 
@@ -24,9 +22,9 @@ def main() -> None:
     if is_bash_query(sys.argv[1:]):
         print(" ".join(complete(os.environ.get("COMP_LINE", ""))))
         return
-    from bpexp.train import main as train_main
+    from bpexp.train import cli
 
-    train_main()
+    cli()
 
 
 def is_bash_query(args: list[str]) -> bool:
@@ -53,19 +51,9 @@ def complete(line: str) -> list[str]:
 
 def value_names(key: str) -> list[str] | None:
     """The values a dotted key of the schema can take when they form a closed set (enum, bool), else None."""
-    from bpexp.config import Config
+    from bpexp.config import schema_keys
 
-    kind: typing.Any = Config
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(kind):
-            return None
-        hints = typing.get_type_hints(kind)
-        if part not in hints:
-            return None
-        kind = hints[part]
-        options = [a for a in typing.get_args(kind) if a is not type(None)]
-        if len(options) == 1:  # Optional[X] -> X
-            kind = options[0]
+    kind = schema_keys().get(key)
     if isinstance(kind, type) and issubclass(kind, Enum):
         return [member.name for member in kind]
     if kind is bool:

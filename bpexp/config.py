@@ -9,9 +9,13 @@ DictConfig into these dataclasses (before any data, model or run exists).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
@@ -394,3 +398,52 @@ def config_hash(cfg: Config | DictConfig) -> str:
 
 
 register()
+
+
+def schema_keys(kind: Any = Config, prefix: str = "") -> dict[str, Any]:
+    """Every dotted key of the schema and its type (Optional[X] as X): {"model.depth": int, …}.
+
+    A dataclass field is a key and so are its fields; a dict field (`factors`) is a key whose own keys are
+    free."""
+    keys: dict[str, Any] = {}
+    for name, hint in typing.get_type_hints(kind).items():
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        hint = options[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+        keys[prefix + name] = hint
+        if dataclasses.is_dataclass(hint):
+            keys |= schema_keys(hint, f"{prefix}{name}.")
+    return keys
+
+
+def check_override_keys(overrides: list[str], groups: set[str]) -> None:
+    """Refuse `key=value` for a key the schema lacks, naming the close ones.
+
+    Hydra's own message for a typo ('To append to your config use +model.activaton=relu') leads to a key
+    nothing reads; a struct config rejects it anyway. Group choices (`optim=sgd`), Hydra's keys and `+`/`~`
+    overrides are left to Hydra, as is an override that does not parse."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import OverrideParseException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException:  # Hydra reports its own syntax errors
+        return
+    keys = schema_keys()
+    for override in parsed:
+        key = override.key_or_group
+        if override.type != OverrideType.CHANGE or override.package is not None or "/" in key:
+            continue
+        head = key.split(".")[0]
+        free = any(key.startswith(f"{k}.") for k, t in keys.items() if typing.get_origin(t) is dict)
+        if key in keys or key in groups or head == "hydra" or free:
+            continue
+        parent = key.rpartition(".")[0]
+        siblings = [k for k in [*keys, *groups] if k.rpartition(".")[0] == parent] or [*groups, *keys]
+        close = difflib.get_close_matches(key, [*keys, *groups], n=3, cutoff=0.8)
+        hint = (
+            f"did you mean {' or '.join(close)}?"
+            if close
+            else f"the keys there are: {', '.join(sorted(siblings))}"
+        )
+        raise ConfigError(f"{override.input_line}: there is no key {key!r} in the config; {hint}")

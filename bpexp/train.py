@@ -27,7 +27,16 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from bpexp.backprop import check_supported, gradcheck, manual_backward
-from bpexp.config import Config, ConfigError, Device, Engine, config_hash, flatten, to_config
+from bpexp.config import (
+    Config,
+    ConfigError,
+    Device,
+    Engine,
+    check_override_keys,
+    config_hash,
+    flatten,
+    to_config,
+)
 from bpexp.console import job_line, progress_fields, summary
 from bpexp.data import Dataset, make_data
 from bpexp.lifecycle import sigterm_as_interrupt
@@ -398,5 +407,21 @@ def main(cfg: DictConfig) -> float:
     return result.objective
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """python -m bpexp.train and bpexp-train: a key the schema lacks fails naming the close ones, where
+    Hydra would suggest adding it with '+'; then Hydra composes and runs main."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_known_args()[0]
+    groups = {p.name for p in Path(CONF).iterdir() if p.is_dir() and p.name != "hydra"}
+    try:
+        if not args.shell_completion:
+            check_override_keys(args.overrides, groups)
+    except ConfigError as err:
+        print(f"bpexp: {err}", file=sys.stderr)
+        sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    cli()
