@@ -298,9 +298,12 @@ class SweepCallback(Callback):
         """A job that raised before train() created its run still leaves a FAILED child, with traceback."""
         tracker = Tracker(self.state.uri, self.state.experiment, self.state.parent_run_id)
         job_dir = str(config.hydra.runtime.output_dir)
+        # By values that cannot hold a quote (a job number, a run id): MLflow's filter strings keep a
+        # backslash-escaped quote as it is, so a folder named `it's` would match nothing.
         own = tracker.client.search_runs(
             [tracker.experiment_id()],
-            f"tags.`{Tag.job_dir}` = {quote(job_dir)} and attributes.start_time >= {self.job_started_ms}",
+            f"tags.`{Tag.parent}` = '{self.state.parent_run_id}' and tags.`{Tag.job}` = "
+            f"'{int(config.hydra.job.num)}' and attributes.start_time >= {self.job_started_ms}",
             max_results=1,
         )
         if own:  # train() recorded it (FAILED, with traceback.txt)
