@@ -400,3 +400,11 @@ def test_report_of_a_sweep_named_dotdot_stays_inside_its_folder(tmp_path):
     assert shown.returncode == 0, shown.stderr[-3000:]
     assert sorted(path.name for path in (tmp_path / "a").iterdir()) == ["reports"]
     assert (reports / "_" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_sweep_that_fails_at_composition_leaves_no_parent(tmp_path):
+    """`relux` fails the whole sweep before any job: no empty parent to hide the latest real sweep."""
+    done = sweep(tmp_path, "experiment=ok0", "model.activation=relu,relux")
+    assert done.returncode == 1 and "relux" in done.stderr, done.stderr[-3000:]
+    assert store_runs(tmp_path) == []
