@@ -28,7 +28,6 @@ from bpexp.data import make_data, write_idx
 from bpexp.server import stop_server
 from bpexp.tracking import Tracker, check_sqlite_store
 from tests.conftest import cli, cli_env, make_config
-from tests.test_sweep import write_cases
 
 
 def run_cli(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -352,6 +351,8 @@ def test_non_finite_hyperparameters_are_refused_at_compose_time(override, key):
 
 def sweep(tmp_path: Path, *args: str, sweep_dir: str = "multirun") -> subprocess.CompletedProcess:
     """A real multirun of tiny nets on the store in tmp_path."""
+    from tests.test_sweep import write_cases  # here: scripts/faults.py imports this module without pytest
+
     write_cases(tmp_path)
     command = cli(
         "-m",
