@@ -8,6 +8,7 @@ The enums are StrEnums: their members *are* the strings stored in MLflow (`Outco
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from enum import StrEnum
 
@@ -187,3 +188,10 @@ def is_experiment(key: str) -> bool:
     computes; False for NOT_EXPERIMENT and everything under it (`tracking.uri`, `hydra.launcher.n_jobs`)."""
     key = key.lstrip("+~").split("=", 1)[0]
     return not any(key == k or key.startswith(f"{k}.") or key.startswith(f"{k}/") for k in NOT_EXPERIMENT)
+
+
+def folder_name(text: str) -> str:
+    """A name (experiment, sweep id) as one folder: no `..`, `a/../..` or `.hidden` can step out of the
+    folder it goes in, nor hide in it."""
+    slug = re.sub(r"[^\w.-]+", "_", text)
+    return re.sub(r"^\.+", "_", slug) or "_"  # `.`, `..`, `.hidden`: never a step up nor a hidden folder

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import math
-import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from bpexp.figures import (
     lines_with_bands,
     measured_vs_predicted,
 )
-from bpexp.names import diagnosis_change
+from bpexp.names import diagnosis_change, folder_name
 from bpexp.progress import Progress
 from bpexp.store import Sweep
 
@@ -94,7 +93,7 @@ def build_report(
     configs = analysis.rank_configs(summary, by)
     shown = pick_shown(summary, show) if show else choose_runs(summary, max_shown)
 
-    directory = Path(out_dir) / safe_name(found.sweep_id)
+    directory = Path(out_dir) / folder_name(found.sweep_id)
     directory.mkdir(parents=True, exist_ok=True)
     report = Report(found, directory, directory / "report.md", runs, summary, configs, shown)
     drawings = {  # drawn one at a time, behind the progress bar
@@ -132,10 +131,6 @@ def build_report(
             client.log_artifact(found.parent_run_id, str(path), "report")
         report.logged_to = found.parent_run_id
     return report
-
-
-def safe_name(text: str) -> str:
-    return re.sub(r"[^\w.-]+", "_", text) or "sweep"
 
 
 # --------------------------------------------------------------------------------------------------

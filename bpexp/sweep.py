@@ -105,10 +105,12 @@ class SweepCallback(Callback):
         except ConfigError as err:
             print(f"bpexp: {err}", file=sys.stderr)
             sys.exit(2)  # a callback's exception would only be a warning, and every job would fail
+        overrides = [o for o in config.hydra.overrides.task if not o.startswith(SWEEP_KEYS)]
+        if not composes(config, overrides):
+            return  # Hydra fails the sweep before any job with its own message: no parent, no store
         self.tracker = Tracker(uri, tracking.experiment)
         experiment_id = self.tracker.experiment_id()  # creates the schema and the experiment, once
         self.launched_ms = int(time.time() * 1000)
-        overrides = [o for o in config.hydra.overrides.task if not o.startswith(SWEEP_KEYS)]
         key = sweep_key(config, overrides)
         parent = None
         if OmegaConf.select(config, "sweep.resume", default=False):
@@ -298,9 +300,12 @@ class SweepCallback(Callback):
         """A job that raised before train() created its run still leaves a FAILED child, with traceback."""
         tracker = Tracker(self.state.uri, self.state.experiment, self.state.parent_run_id)
         job_dir = str(config.hydra.runtime.output_dir)
+        # By values that cannot hold a quote (a job number, a run id): MLflow's filter strings keep a
+        # backslash-escaped quote as it is, so a folder named `it's` would match nothing.
         own = tracker.client.search_runs(
             [tracker.experiment_id()],
-            f"tags.`{Tag.job_dir}` = {quote(job_dir)} and attributes.start_time >= {self.job_started_ms}",
+            f"tags.`{Tag.parent}` = '{self.state.parent_run_id}' and tags.`{Tag.job}` = "
+            f"'{int(config.hydra.job.num)}' and attributes.start_time >= {self.job_started_ms}",
             max_results=1,
         )
         if own:  # train() recorded it (FAILED, with traceback.txt)
@@ -328,19 +333,48 @@ class SweepCallback(Callback):
         tracker.end("FAILED")
 
 
-def count_jobs(config: DictConfig, overrides: list[str]) -> int | None:
-    """How many jobs the sweep launches: the product of its sweep axes (an Optuna sweep: n_trials)."""
+def sweep_axes(config: DictConfig, overrides: list[str]) -> dict[str, Any] | None:
+    """The sweep's axes by key (the command line wins over the sweeper's params); None when the parser
+    rejects an override (that fails the sweep on its own)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    sweeper = config.hydra.sweeper
-    if "n_trials" in sweeper:
-        return int(sweeper.n_trials)
-    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    params = [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
     try:
         parsed = OverridesParser.create().parse_overrides([*overrides, *params])
-    except Exception:  # an override the parser rejects fails the sweep on its own; no count then
+    except Exception:
         return None
-    axes = {o.get_key_element(): o for o in parsed if o.is_sweep_override()}  # the command line wins
+    return {o.get_key_element(): o for o in parsed if o.is_sweep_override()}
+
+
+def composes(config: DictConfig, overrides: list[str]) -> bool:
+    """Whether every value of every axis composes (a value that cannot, `model.activation=relux`, fails
+    the whole sweep in Hydra before any job starts): each value once, the other axes at their first, so
+    a sweep of N axes costs the sum of their lengths, not their product."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    axes = sweep_axes(config, overrides)
+    if "n_trials" in config.hydra.sweeper or not axes or not GlobalHydra.instance().is_initialized():
+        return True  # a sampling sweeper draws its values later; nothing to check ahead
+    fixed = [o for o in overrides if o.split("=", 1)[0] not in axes]
+    first = {key: next(iter(axis.sweep_string_iterator())) for key, axis in axes.items()}
+    loader = GlobalHydra.instance().config_loader()
+    for key, axis in axes.items():
+        for value in axis.sweep_string_iterator():
+            job = [*fixed, *(f"{k}={value if k == key else v}" for k, v in first.items())]
+            try:
+                loader.load_sweep_config(master_config=config, sweep_overrides=job)
+            except Exception:
+                return False
+    return True
+
+
+def count_jobs(config: DictConfig, overrides: list[str]) -> int | None:
+    """How many jobs the sweep launches: the product of its sweep axes (an Optuna sweep: n_trials)."""
+    if "n_trials" in config.hydra.sweeper:
+        return int(config.hydra.sweeper.n_trials)
+    axes = sweep_axes(config, overrides)
+    if axes is None:
+        return None
     jobs = 1
     for override in axes.values():
         jobs *= len(list(override.sweep_string_iterator()))

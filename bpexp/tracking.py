@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import re
 import sqlite3
 import time
 import urllib.request
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from bpexp.config import ConfigError, TrackingBackend, TrackingConfig
-from bpexp.names import Tag
+from bpexp.names import Tag, folder_name
 
 METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 FLUSH_SECONDS = 10.0  # flush at least this often, so the UI follows a long run
@@ -365,9 +364,7 @@ class Tracker(NullTracker):
 
 def artifact_location(root: Path, experiment: str) -> str:
     """<root>/mlartifacts/<experiment as a folder name>: no name (`..`, `a/../..`) can leave mlartifacts/."""
-    slug = re.sub(r"[^\w.-]+", "_", experiment)
-    slug = re.sub(r"^\.+", "_", slug)  # `.`, `..`, `.hidden`: never a step up nor a hidden folder
-    return (root / "mlartifacts" / slug).as_uri()
+    return (root / "mlartifacts" / folder_name(experiment)).as_uri()
 
 
 def make_tracker(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+import signal
 import sys
 import tempfile
 import time
@@ -384,6 +385,7 @@ def main(cfg: DictConfig) -> float:
     launch_dir, out_dir = Path(hydra_cfg.runtime.cwd), Path(hydra_cfg.runtime.output_dir)
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
+    config = None
     try:
         config = to_config(cfg)
         result = resumed(config, launch_dir) if config.sweep.resume else None
@@ -393,6 +395,12 @@ def main(cfg: DictConfig) -> float:
                 varied = " ".join(o for o in overrides if is_experiment(o))
                 config.tracking.run_name = f"{varied} · {run_name(config)}"[:250] if varied else None
             result = train(config, launch_dir, out_dir, progress=not sweeping)
+    except KeyboardInterrupt as err:
+        if sweeping:
+            raise  # the sweep's hooks end it KILLED and say so
+        by = "SIGTERM" if str(err) == f"signal {signal.SIGTERM}" else "Ctrl-C"
+        print(f"bpexp: run {run_name(config) if config else ''} killed by {by}", file=sys.stderr)
+        sys.exit(143 if by == "SIGTERM" else 130)  # 128 + the signal's number, as the shell reports it
     except (ConfigError, StoreError) as err:
         if sweeping:
             raise  # one bad point of a sweep fails alone; bpexp/sweep.py records it as a FAILED child

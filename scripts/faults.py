@@ -10,6 +10,7 @@ The lost-server case needs a real `mlflow server`: tests/test_faults.py covers i
 
 from __future__ import annotations
 
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -102,6 +103,35 @@ def idx_short(folder: Path) -> list[subprocess.Popen]:
     return [train(folder, "data=idx", f"data.path={folder}")]
 
 
+def sweep(folder: Path, *args: str, sweep_dir: str = "multirun") -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "bpexp.train",
+        "-m",
+        *SMALL,
+        f'hydra.sweep.dir="{folder}/{sweep_dir}"',
+        *args,
+    ]
+    return subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def sigterm(folder: Path) -> list[subprocess.Popen]:
+    """SIGTERM once the run exists (its first progress line), as a scheduler sends it."""
+    process = train(folder, "train.steps=10000000", "data=gaussian", "hydra.verbose=bpexp.train")
+    for line in process.stdout:  # hydra.verbose logs to stdout
+        if "started (" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    return [process]
+
+
+def quoted_sweep_folder(folder: Path) -> list[subprocess.Popen]:
+    (folder / "it's" / "1").mkdir(parents=True)
+    (folder / "it's" / "1" / "plots").write_text("a file where the figures go")  # job 1's run fails
+    return [sweep(folder, "seed=0,1", sweep_dir="it's")]
+
+
 FAULTS: list[tuple[str, Callable[[Path], list[subprocess.Popen]]]] = [
     ("4 runs start together on a new store", concurrent_first_use),
     ("server API answers 500", lambda f: [train(f, f"tracking.uri={fake_server(False)}")]),
@@ -115,6 +145,9 @@ FAULTS: list[tuple[str, Callable[[Path], list[subprocess.Popen]]]] = [
     ("optim.lr=inf", lambda f: [train(f, "optim.lr=inf")]),
     ("data.noise=inf", lambda f: [train(f, "data.noise=inf")]),
     ("tracking.experiment=..", lambda f: [train(f, "tracking.experiment=..")]),
+    ("SIGTERM of a single run", sigterm),
+    ("sweep value that does not compose", lambda f: [sweep(f, "model.activation=relu,relux")]),
+    ("quote in the sweep folder, a job fails", quoted_sweep_folder),
 ]
 
 

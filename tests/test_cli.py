@@ -61,7 +61,8 @@ def test_a_diverging_run_exits_0_and_is_recorded(tmp_path):
     assert runs_in(tmp_path) == [("FINISHED",)]
 
 
-def test_sigterm_ends_the_run_killed(tmp_path):
+@pytest.mark.parametrize("signum, by", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "Ctrl-C")])
+def test_sigterm_or_ctrl_c_ends_the_run_killed_in_one_line(tmp_path, signum, by):
     store = f"sqlite:///{tmp_path}/mlflow.db"
     proc = subprocess.Popen(
         cli(
@@ -76,11 +77,14 @@ def test_sigterm_ends_the_run_killed(tmp_path):
     for line in proc.stdout:  # wait for the first step (the run exists), then stop it as a scheduler does
         if "/10000000 steps" in line:
             break
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     rest = proc.communicate(timeout=120)[0]
-    assert proc.returncode != 0, rest
+    assert proc.returncode == 128 + signum, rest
     run = MlflowClient(store).search_runs(["1"])[0]
     assert run.info.status == "KILLED" and run.data.tags["bpexp.outcome"] == "killed"
+    assert "Traceback" not in rest, rest[-3000:]  # it used to be 60 lines of one
+    said = [line for line in rest.splitlines() if line.startswith("bpexp:")]
+    assert said == [f"bpexp: run {run.info.run_name} killed by {by}"], rest[-3000:]
 
 
 def test_the_readme_runs_the_default_job(tmp_path):

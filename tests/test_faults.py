@@ -344,3 +344,68 @@ def test_idx_header_cut_short_is_refused_naming_the_file(tmp_path):
 def test_non_finite_hyperparameters_are_refused_at_compose_time(override, key):
     with pytest.raises(ConfigError, match=f"^{key}="):
         make_config(override)
+
+
+# ---- sweeps and reports ----------------------------------------------------------------------------
+
+
+def sweep(tmp_path: Path, *args: str, sweep_dir: str = "multirun") -> subprocess.CompletedProcess:
+    """A real multirun of tiny nets on the store in tmp_path."""
+    from tests.test_sweep import write_cases  # here: scripts/faults.py imports this module without pytest
+
+    write_cases(tmp_path)
+    command = cli(
+        "-m",
+        f"tracking.uri=sqlite:///{tmp_path}/mlflow.db",
+        f'hydra.sweep.dir="{tmp_path}/{sweep_dir}"',
+        f"hydra.searchpath=[file://{tmp_path}/conf]",
+        *args,
+    )
+    return subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=180)
+
+
+def store_runs(tmp_path: Path) -> list:
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    experiment = client.get_experiment_by_name("bpexp")
+    return client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+@pytest.mark.slow
+def test_quote_in_the_sweep_folder_records_a_failed_job_once(tmp_path):
+    """Job 1 fails after its run exists (a file where its plots/ folder goes): the sweep finds that run
+    by job number and parent, not by its folder in a filter string (MLflow keeps a backslash-escaped
+    quote as it is, so `it's` matched nothing and the job got a second, empty FAILED child)."""
+    (tmp_path / "it's" / "1").mkdir(parents=True)
+    (tmp_path / "it's" / "1" / "plots").write_text("a file where the figures go")
+    done = sweep(tmp_path, "experiment=ok0,ok1", sweep_dir="it's")
+    assert done.returncode == 1, done.stderr[-3000:]
+    runs = store_runs(tmp_path)
+    parent = next(r for r in runs if r.data.tags.get("bpexp.role") == "sweep")
+    children = sorted((r.data.tags["bpexp.outcome"], r.info.status) for r in runs if r is not parent)
+    assert children == [("completed", "FINISHED"), ("failed", "FAILED")], done.stderr[-3000:]
+    assert parent.info.status == "FAILED"
+
+
+@pytest.mark.slow
+def test_report_of_a_sweep_named_dotdot_stays_inside_its_folder(tmp_path):
+    """`python -m bpexp.report ..` once wrote to <out-dir>/.., the folder above reports/."""
+    done = sweep(tmp_path, "experiment=ok0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for run in store_runs(tmp_path):  # a sweep id is a tag: any program can write `..` there
+        client.set_tag(run.info.run_id, "bpexp.sweep", "..")
+    reports = tmp_path / "a" / "reports"
+    command = [sys.executable, "-m", "bpexp.report", "..", "--out-dir", str(reports)]
+    command += ["--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
+    shown = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert sorted(path.name for path in (tmp_path / "a").iterdir()) == ["reports"]
+    assert (reports / "_" / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_sweep_that_fails_at_composition_leaves_no_parent(tmp_path):
+    """`relux` fails the whole sweep before any job: no empty parent to hide the latest real sweep."""
+    done = sweep(tmp_path, "experiment=ok0", "model.activation=relu,relux")
+    assert done.returncode == 1 and "relux" in done.stderr, done.stderr[-3000:]
+    assert store_runs(tmp_path) == []
