@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from bpexp.names import RUN_COLUMNS, TINY, diagnosis_change, is_experiment
+from bpexp.names import RUN_COLUMNS, diagnosis_change, is_experiment
 from bpexp.names import counts_text as counts_of
 
 # --------------------------------------------------------------------------------------------------
@@ -107,43 +107,16 @@ def format_value(value: Any) -> str:
 # Per-run summaries
 
 
-def profiles(dynamics: pd.DataFrame, quantity: str) -> pd.DataFrame:
-    """Per (run_id, step) with a complete, finite per-layer profile of `quantity`: log10_ratio, slope.
-
-    Vectorized over all runs (a least-squares slope is cov(l, y)/var(l)); a step where a layer is
-    missing or non-finite (the step a run diverged) is left out.
-    """
-    rows = dynamics.loc[(dynamics["quantity"] == quantity) & dynamics["layer"].notna()]
-    if rows.empty:
-        return pd.DataFrame({"run_id": [], "step": [], "log10_ratio": [], "slope": []})
-    run_codes, run_ids = pd.factorize(rows["run_id"].astype(object))  # int keys group fast
-    value = rows["value"].to_numpy(dtype=np.float64)
-    finite = np.isfinite(value)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        y = np.where(finite, np.log10(np.maximum(value, TINY)), np.nan)
-    frame = pd.DataFrame(
-        {"run": run_codes, "step": rows["step"].to_numpy(), "l": rows["layer"].to_numpy(dtype=np.float64)}
-    ).assign(y=y, finite=finite)
-    group = frame.groupby(["run", "step"], sort=True)
-    frame["l_c"] = frame["l"] - group["l"].transform("mean")
-    frame["ly"] = frame["l_c"] * (frame["y"] - group["y"].transform("mean"))
-    frame["ll"] = frame["l_c"] ** 2
-    ends = frame.sort_values("l", kind="stable").groupby(["run", "step"], sort=True)["y"]
-    stats = frame.groupby(["run", "step"], sort=True).agg(
-        n=("l", "size"), finite=("finite", "all"), ly=("ly", "sum"), ll=("ll", "sum")
-    )
-    layers = frame.groupby("run")["l"].nunique()
-    complete = stats["finite"] & (
-        stats["n"].to_numpy() == layers.loc[stats.index.get_level_values(0)].to_numpy()
-    )
-    out = pd.DataFrame(
-        {
-            "log10_ratio": ends.first() - ends.last(),  # l = 1 (input side) minus l = L (output)
-            "slope": (stats["ly"] / stats["ll"]).where(stats["ll"] > 0, 0.0),
-        }
-    )[complete].reset_index()
-    run_id = pd.Series(np.asarray(run_ids, dtype=object)[out["run"].to_numpy()], index=out.index)
-    return out.drop(columns="run").assign(run_id=run_id)[["run_id", "step", "log10_ratio", "slope"]]
+def logged_profiles(dynamics: pd.DataFrame, prefix: str) -> pd.DataFrame:
+    """Per (run_id, step) where the run logged a finite `<prefix>/log10_ratio` and `<prefix>/slope`
+    (the probes' own numbers, Metric.delta_ratio …): run_id, step, log10_ratio, slope, sorted."""
+    keys = {f"{prefix}/log10_ratio": "log10_ratio", f"{prefix}/slope": "slope"}
+    rows = dynamics.loc[dynamics["quantity"].isin(list(keys)), ["run_id", "step", "quantity", "value"]]
+    wide = rows.assign(run_id=rows["run_id"].astype(object), quantity=rows["quantity"].astype(object))
+    wide = wide.pivot_table(index=["run_id", "step"], columns="quantity", values="value", aggfunc="last")
+    wide = wide.reindex(columns=list(keys)).rename(columns=keys)
+    finite = np.isfinite(wide.to_numpy(dtype=float)).all(axis=1)
+    return wide[finite].reset_index().sort_values(["run_id", "step"], kind="stable")
 
 
 SUMMARY_COLUMNS = [
@@ -172,9 +145,10 @@ def summarize(runs: pd.DataFrame, dynamics: pd.DataFrame) -> pd.DataFrame:
     """The runs table plus, per run, the numbers a sweep is compared on (SUMMARY_COLUMNS):
 
     - `delta_*` and `grad_*`: log10(‖·^(1)‖/‖·^(L)‖), the slope of log10‖·^(l)‖ against l (decades per
-      layer) and the per-layer gain 10**slope, for δ^(l) and ∂L/∂W^(l), at the first probe step with a
-      complete finite profile (`_init`, normally step 0) and at the last one (`_end`); `init_step` and
-      `end_step` say which steps (those of ∂L/∂W);
+      layer) and the per-layer gain 10**slope, for δ^(l) and ∂L/∂W^(l), as the probes logged them
+      (`delta/log10_ratio`, `delta/slope`, `grad/…`) at the first probe step where they are finite
+      (`_init`, normally step 0) and at the last one (`_end`); `init_step` and `end_step` say which
+      steps (those of ∂L/∂W);
     - `diverged` (outcome == 'diverged') and `diverged_step` (the tag, else the diverged/step metric);
     - `final_val_loss` (the last val/loss of a completed run, from the dynamics, else the run's final
       metric; NaN for a diverged or failed one, so a median of final losses is over runs that
@@ -182,8 +156,8 @@ def summarize(runs: pd.DataFrame, dynamics: pd.DataFrame) -> pd.DataFrame:
     """
     out = runs.copy()
     index = pd.Index(out["run_id"].astype(str))
-    for name, quantity in (("delta", "delta_norm"), ("grad", "grad_norm")):
-        found = profiles(dynamics, quantity).sort_values(["run_id", "step"], kind="stable")
+    for name in ("delta", "grad"):  # the ratios and slopes every probe logged: read, not recomputed
+        found = logged_profiles(dynamics, name)
         for when, pick in (("init", "first"), ("end", "last")):
             at = found.groupby("run_id").agg(pick).reindex(index)
             out[f"{name}_log10_ratio_{when}"] = at["log10_ratio"].to_numpy(dtype=float)

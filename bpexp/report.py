@@ -36,12 +36,22 @@ from bpexp.figures import (
     lines_with_bands,
     measured_vs_predicted,
 )
-from bpexp.names import diagnosis_change, folder_name
+from bpexp.names import Metric, diagnosis_change, folder_name
 from bpexp.progress import Progress
 from bpexp.store import Sweep
 
 DPI = 120
-QUANTITIES = ["grad_norm", "delta_norm", "update_ratio", "val/loss", "diverged/step"]
+QUANTITIES = [  # what the report reads of the dynamics: the per-layer norms and the logged profiles
+    "grad_norm",
+    "delta_norm",
+    "update_ratio",
+    "val/loss",
+    "diverged/step",
+    Metric.delta_ratio,
+    Metric.delta_slope,
+    Metric.grad_ratio,
+    Metric.grad_slope,
+]
 GRAD = r"$\Vert\partial L/\partial W^{(l)}\Vert_F$"
 DELTA = r"$\Vert\delta^{(l)}\Vert_F = \Vert\partial L/\partial z^{(l)}\Vert_F$"
 DELTA_RATIO = r"$\log_{10}(\Vert\delta^{(1)}\Vert / \Vert\delta^{(L)}\Vert)$"
