@@ -200,7 +200,7 @@ class RunWriter:
         self.experiment_id = self.tracker.experiment_id()  # a new store's schema: under tracking's lock
         self.tracker.start(start["run_name"], start["params"], start["run_tags"])
         self.run_id: str = self.tracker.run_id  # type: ignore[assignment]
-        self.metrics = metric_writer(self.tracker.client, self.tracker.uri, self.run_id, revision)
+        self.metrics = metric_writer(self.tracker, self.tracker.uri, self.run_id, revision)
         self.history = History(start["history"], start["history_every"])
         self.rows: list[Row] = []
         self.last_write = time.monotonic()
@@ -226,7 +226,7 @@ class RunWriter:
         self.write()
         if tags:
             self.tracker.set_tags(tags)
-        self.tracker.client.set_terminated(self.run_id, status)
+        self.tracker.end(status)  # a lost store: noted, and closed at the next contact
 
 
 def log_history(tracker: Tracker, records: list[tuple[int, dict[str, float]]], mode: str, every: int) -> None:
@@ -237,7 +237,7 @@ def log_history(tracker: Tracker, records: list[tuple[int, dict[str, float]]], m
     history, now = History(mode, every), int(time.time() * 1000)
     rows = [row for step, metrics in records for row in history.select(step, now, metrics)]
     rows = [row for row in [*rows, *history.last()] if math.isfinite(row[1])]
-    metrics = metric_writer(tracker.client, tracker.uri, tracker.run_id)
+    metrics = metric_writer(tracker, tracker.uri, tracker.run_id)
     for i in range(0, len(rows), BATCH):
         metrics.write(rows[i : i + BATCH])
 
@@ -292,7 +292,10 @@ def serve(inbox: BinaryIO, outbox: BinaryIO, parent: int) -> int:
             if run is not None and run.due():
                 run.write()
     except BaseException as err:  # the trainer reads this at its next hand-over
-        traceback.print_exc()
+        if not isinstance(err, StoreError):  # a lost store is said in one line, by the trainer
+            traceback.print_exc()
+        if run is not None and run.tracker.lost:
+            run.tracker.remember_unclosed("FAILED")  # the next contact with the store closes the run
         with contextlib.suppress(OSError):
             reply("error", f"{type(err).__name__}: {err}")
         return 1
@@ -326,7 +329,7 @@ class RecordingTracker(Tracker):
     @property
     def run_id(self) -> str | None:  # type: ignore[override]
         """Waits for the writer's answer the first time it is read (train.py asks after the loop)."""
-        if self.started is None and self.process is not None:
+        if self.started is None and self.process is not None and self.failure is None:
             with contextlib.suppress(RecorderDied):
                 while self.started is None and self.answer()[0] != "error":
                     pass
@@ -352,10 +355,12 @@ class RecordingTracker(Tracker):
             process = self.process
             code = process.wait()  # type: ignore[union-attr]
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-            self.failure = f"the recorder process (pid {process.pid}) died, {how}"  # type: ignore[union-attr]
-            if error:
-                self.failure += f": {error}"
-            self.failure += "; MLflow misses what it had not written (dynamics.parquet has every probe)"
+            died = f"the recorder process (pid {process.pid}) died, {how}"  # type: ignore[union-attr]
+            if error and error.startswith(f"{StoreError.__name__}: "):  # the store's own words lead
+                died = f"{error.removeprefix(f'{StoreError.__name__}: ')}; {died}"
+            elif error:
+                died += f": {error}"
+            self.failure = f"{died}; MLflow misses what it had not written (dynamics.parquet has every probe)"
         return self.failure
 
     def send(self, *message: Any) -> None:
@@ -428,7 +433,8 @@ class RecordingTracker(Tracker):
             return
         if self.run_id is not None:  # the writer is gone: the run ends FAILED from here
             super().set_tags({Tag.error: self.died()})
-            self.client.set_terminated(self.run_id, "FAILED")
+            self.call("set_terminated", self.run_id, "FAILED")
+        raise RecorderDied(self.died())  # not all the run promised reached the store: never "completed"
 
 
 def main() -> int:
@@ -441,4 +447,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stderr.flush()
+    os._exit(code)  # not sys.exit: the reader thread may hold stdin's lock, which finalization then aborts on
