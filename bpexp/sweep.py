@@ -380,7 +380,7 @@ class LauncherWatch:
         while (os.getppid() == pid) if child else process_alive(pid):
             time.sleep(cls.POLL_SECONDS)
         if cls.in_job():
-            log.warning("bpexp: launcher process %s is gone: stopping this job (its run ends KILLED)", pid)
+            log.warning("launcher process %s is gone: stopping this job (its run ends KILLED)", pid)
             os.kill(os.getpid(), signal.SIGTERM)
             deadline = time.monotonic() + cls.UNWIND_SECONDS
             while cls.in_job() and time.monotonic() < deadline:
