@@ -145,6 +145,9 @@ class Tag(StrEnum):
     sweep = "bpexp.sweep"  # the sweep id, on the parent and every child
     sweep_key = "bpexp.sweep_key"  # what makes two launches the same sweep (resume)
     role = "bpexp.role"  # "sweep" on a sweep's parent run
+    launcher_host = "bpexp.launcher_host"  # on a sweep's parent: the host, pid and launch time (ms) of
+    launcher_pid = "bpexp.launcher_pid"  # the process that launches its jobs, so that a sweep whose
+    launched_at = "bpexp.launched_at"  # launcher died can be closed (a reused pid started later)
     job = "bpexp.job"
     job_dir = "bpexp.job_dir"
     summary = "bpexp.summary"

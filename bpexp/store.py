@@ -18,7 +18,9 @@ import json
 import math
 import os
 import re
+import socket
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,7 +33,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from bpexp.names import RUN_COLUMNS, SWEEP_ROLE, Tag, split_key
+from bpexp.console import outcomes_text
+from bpexp.lifecycle import process_alive
+from bpexp.names import RUN_COLUMNS, SWEEP_ROLE, Outcome, Tag, split_key
 from bpexp.progress import Progress
 
 if TYPE_CHECKING:
@@ -91,6 +95,40 @@ def search_all(client: MlflowClient, experiment_ids: list[str], filter_string: s
         token = page.token
         if not token:
             return runs
+
+
+def close_abandoned_sweeps(client: MlflowClient, experiment_ids: list[str]) -> list[str]:
+    """End KILLED each RUNNING sweep whose launching process, on this host, is gone (kill -9, OOM): its
+    workers stopped their runs when they saw it die (bpexp/sweep.py), but no one closed the parent. Its
+    children still RUNNING end KILLED too. Returns the parent run ids it closed."""
+    host = socket.gethostname()
+    query = f"tags.`{Tag.role}` = '{SWEEP_ROLE}' and attributes.status = 'RUNNING'"
+    closed = []
+    for parent in search_all(client, experiment_ids, query):
+        tags = parent.data.tags
+        pid, launched = as_int(tags.get(Tag.launcher_pid)), as_int(tags.get(Tag.launched_at))
+        if tags.get(Tag.launcher_host) != host or pid is None or process_alive(pid, launched):
+            continue  # another host's launcher (no way to tell from here), or a live one
+        why = f"launcher process {pid} on {host} ended without closing the sweep (SIGKILL, OOM or crash)"
+        children = search_all(
+            client, [parent.info.experiment_id], f"tags.`{Tag.parent}` = {quote(parent.info.run_id)}"
+        )
+        for run in children:
+            if run.info.status == "RUNNING":
+                client.set_tag(run.info.run_id, Tag.outcome, Outcome.killed)
+                client.set_tag(run.info.run_id, Tag.killed_by, why)
+                client.set_terminated(run.info.run_id, "KILLED")
+                run.data.tags[Tag.outcome] = Outcome.killed
+        counts = Counter(run.data.tags.get(Tag.outcome, Outcome.failed) for run in latest_runs(children))
+        for tag, value in {
+            Tag.outcome: Outcome.killed,
+            Tag.killed_by: why,
+            Tag.summary: outcomes_text(counts),
+        }.items():
+            client.set_tag(parent.info.run_id, tag, value)
+        client.set_terminated(parent.info.run_id, "KILLED")
+        closed.append(parent.info.run_id)
+    return closed
 
 
 def quote(value: str) -> str:
@@ -301,6 +339,7 @@ def find_sweep(ref: str = "latest", experiment: str = "bpexp", tracking_uri: str
     client = make_client(tracking_uri)
     exp_id = experiment_id(client, experiment)
     uri = client.tracking_uri
+    close_abandoned_sweeps(client, [exp_id])
     if ref == "latest":
         page = client.search_runs(
             [exp_id], f"tags.`{Tag.sweep}` != ''", max_results=1, order_by=["attributes.start_time DESC"]

@@ -32,8 +32,11 @@ import logging
 import os
 import random
 import secrets
+import signal
+import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections import Counter
@@ -48,9 +51,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from bpexp.config import ConfigError, TrackingBackend, TrackingConfig, config_hash, flatten
 from bpexp.console import outcomes_text, sweep_line
-from bpexp.lifecycle import sigterm_as_interrupt
+from bpexp.lifecycle import process_alive, sigterm_as_interrupt
 from bpexp.names import OUTCOMES, SWEEP_ROLE, Outcome, Tag, diagnosis_change
-from bpexp.store import default_tracking_uri, latest_runs, quote, search_all
+from bpexp.store import close_abandoned_sweeps, default_tracking_uri, latest_runs, quote, search_all
 from bpexp.tracking import SWEEP_ENV, Tracker, check_reachable, resolve_uri
 
 log = logging.getLogger("bpexp.sweep")
@@ -70,6 +73,7 @@ class SweepState:
     experiment: str
     mlflow_env: dict[str, str] = field(default_factory=dict)  # MLFLOW_* in the launching process
     jobs: int | None = None  # how many jobs the sweep launches, when known
+    launcher_pid: int = 0  # the launching process: a job in another process stops when it dies
 
 
 class SweepCallback(Callback):
@@ -110,6 +114,7 @@ class SweepCallback(Callback):
             return  # Hydra fails the sweep before any job with its own message: no parent, no store
         self.tracker = Tracker(uri, tracking.experiment)
         experiment_id = self.tracker.experiment_id()  # creates the schema and the experiment, once
+        close_abandoned_sweeps(self.tracker.client, [experiment_id])  # before one is resumed
         self.launched_ms = int(time.time() * 1000)
         key = sweep_key(config, overrides)
         parent = None
@@ -123,6 +128,13 @@ class SweepCallback(Callback):
         else:
             sweep_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
             self.start_parent(config, sweep_id, key, overrides)
+        self.tracker.set_tags(
+            {
+                Tag.launcher_host: socket.gethostname(),
+                Tag.launcher_pid: str(os.getpid()),
+                Tag.launched_at: str(self.launched_ms),
+            }
+        )
         self.state = SweepState(
             sweep_id=sweep_id,
             parent_run_id=self.tracker.run_id,
@@ -130,6 +142,7 @@ class SweepCallback(Callback):
             experiment=tracking.experiment,
             mlflow_env={k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
             jobs=count_jobs(config, overrides),
+            launcher_pid=os.getpid(),
         )
         self.install_hooks()
         log.debug("sweep %s: parent run %s in %s", sweep_id, self.tracker.run_id, uri)
@@ -272,6 +285,8 @@ class SweepCallback(Callback):
         if self.state is None:  # not a tracked sweep (a single run, or tracking=none)
             return
         reset_process(self.state.mlflow_env, int(config.seed), int(config.train.threads))
+        if os.getpid() != self.state.launcher_pid:  # joblib, submitit_local: the job has its own process
+            LauncherWatch.start(self.state.launcher_pid)
         link = {
             "uri": self.state.uri,
             "experiment": self.state.experiment,
@@ -293,6 +308,7 @@ class SweepCallback(Callback):
             if job_return.status == JobStatus.FAILED:
                 self.record_failure(config, job_return)
         finally:
+            LauncherWatch.job_frame = None
             os.environ.pop(SWEEP_ENV, None)
             reset_process(self.state.mlflow_env)
 
@@ -331,6 +347,55 @@ class SweepCallback(Callback):
         path.write_text("".join(traceback.format_exception(error)))
         tracker.log_artifact(path)
         tracker.end("FAILED")
+
+
+class LauncherWatch:
+    """In a job's own process: when the launching process dies (kill -9, OOM), stop as it would have
+    stopped us. A daemon thread polls the launcher; once it is gone, a job in progress gets SIGTERM
+    (train.recorded ends its run KILLED, as for any SIGTERM), and the process exits once the job has
+    unwound, or at once when idle. Without it a joblib worker, re-parented to PID 1, trains on to the
+    end of its job and takes the next from a queue no one reads; its parent's run is closed by
+    store.close_abandoned_sweeps the next time the store is read."""
+
+    POLL_SECONDS = 0.5
+    UNWIND_SECONDS = 120  # the job's run ends within the writer's bounded drain; then exit regardless
+    watched: int | None = None  # the launcher pid this process watches (one thread per process)
+    job_frame: Any = None  # Hydra's run_job frame of the job in progress, None between jobs
+
+    @classmethod
+    def start(cls, pid: int) -> None:
+        frame = sys._getframe(1)
+        while frame is not None and frame.f_code.co_name != "run_job":
+            frame = frame.f_back
+        cls.job_frame = frame or sys._getframe(1)
+        if cls.watched != pid:
+            cls.watched = pid
+            child = os.getppid() == pid  # a re-parented child is sure: no pid can come back to it
+            threading.Thread(
+                target=cls.watch, args=(pid, child), name="bpexp-launcher-watch", daemon=True
+            ).start()
+
+    @classmethod
+    def watch(cls, pid: int, child: bool) -> None:
+        while (os.getppid() == pid) if child else process_alive(pid):
+            time.sleep(cls.POLL_SECONDS)
+        if cls.in_job():
+            log.warning("launcher process %s is gone: stopping this job (its run ends KILLED)", pid)
+            os.kill(os.getpid(), signal.SIGTERM)
+            deadline = time.monotonic() + cls.UNWIND_SECONDS
+            while cls.in_job() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        os._exit(143)  # 128 + SIGTERM, as the shell reports it
+
+    @classmethod
+    def in_job(cls) -> bool:
+        """Whether the main thread is still inside the job (its frame on the main thread's stack)."""
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        while frame is not None:
+            if frame is cls.job_frame:
+                return True
+            frame = frame.f_back
+        return False
 
 
 def sweep_axes(config: DictConfig, overrides: list[str]) -> dict[str, Any] | None:

@@ -126,6 +126,23 @@ def sigterm(folder: Path) -> list[subprocess.Popen]:
     return [process]
 
 
+def killed_launcher(folder: Path) -> list[subprocess.Popen]:
+    """kill -9 of a joblib launcher once its first job line is out; then the report, which closes it."""
+    launcher = sweep(
+        folder, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1,2,3", "train.steps=3000"
+    )
+    for line in launcher.stdout:
+        if line.startswith("[1/4]"):
+            break
+    launcher.kill()
+    launcher.communicate()
+    deadline = time.monotonic() + 60  # the workers stop their runs (KILLED) and exit
+    while time.monotonic() < deadline and "RUNNING/running" in store_runs(folder):
+        time.sleep(0.5)
+    report = [sys.executable, "-m", "bpexp.report", "--out-dir", str(folder / "reports")]
+    return [subprocess.Popen(report, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)]
+
+
 def quoted_sweep_folder(folder: Path) -> list[subprocess.Popen]:
     (folder / "it's" / "1").mkdir(parents=True)
     (folder / "it's" / "1" / "plots").write_text("a file where the figures go")  # job 1's run fails
@@ -148,6 +165,7 @@ FAULTS: list[tuple[str, Callable[[Path], list[subprocess.Popen]]]] = [
     ("SIGTERM of a single run", sigterm),
     ("sweep value that does not compose", lambda f: [sweep(f, "model.activation=relu,relux")]),
     ("quote in the sweep folder, a job fails", quoted_sweep_folder),
+    ("kill -9 of a joblib launcher, then report", killed_launcher),
 ]
 
 
