@@ -1,5 +1,8 @@
 """A population: M nets of one shape trained as one batched computation, each member exactly a lone run.
 
+Over 400 lines: the stacked net (forward, both backward engines), the per-member optimizers and the
+batched probes must each agree with their lone-run twin value for value, and are read side by side.
+
 Weights are stacked, W^(l) as (M, out, in) and b^(l) as (M, out); a layer is one ``torch.baddbmm`` over
 (M, batch, in). Every member is built as a lone run builds its net (``build_mlp`` after
 ``torch.manual_seed(seed)``), gets its own data split, minibatch order and dropout masks (a generator per

@@ -1,5 +1,8 @@
 """Recording off the training loop: a writer process owns the run's MLflow record; the loop hands over.
 
+Over 400 lines: both ends of one pipe protocol (the trainer's RecordingTracker and the writer's
+serve loop) and the bulk SQL they feed, kept together so every message is defined in one place.
+
 Shape. `RecordingTracker` (the training side, what `make_tracker` returns for tracking=mlflow) starts
 `python -m bpexp.recorder` as a child process and sends it pickled messages through the child's stdin:
 start, metrics (step, timestamp, values), tags, artifacts, end. The child imports MLflow, creates the

@@ -1,5 +1,8 @@
 """A sweep's report: Markdown, PNG figures and CSV tables in reports/<sweep>/, logged to its parent run.
 
+Over 400 lines: the report's figures are drawn for this report only (its layout, its labels from the
+swept values) and sit beside the Markdown that cites them; the reusable plots live in figures.py.
+
     python -m bpexp.report                  # the latest sweep in ./mlflow.db (or $MLFLOW_TRACKING_URI)
     python -m bpexp.report 20250101-120000  # a sweep id (the bpexp.sweep tag), or its parent run id
     python -m bpexp.report latest --tracking-uri http://localhost:5000 --experiment bpexp

@@ -1,5 +1,8 @@
 """A Hydra multirun as one object in MLflow: one parent run per sweep, every job's run its child.
 
+Over 400 lines: the callback's two sides (the launching process and each job's process) share one
+pickled state and are only understood together.
+
 `SweepCallback` (conf/train.yaml: hydra.callbacks.sweep) works in two places:
 
 - the launching process (on_multirun_start, on_multirun_end): it creates the store, the experiment and

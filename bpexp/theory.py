@@ -1,5 +1,8 @@
 """Mean-field predictions of signal propagation through an MLP at initialization.
 
+Over 400 lines: the quadrature, the length and gradient maps and the per-config prediction build on each
+other and are checked together in tests/test_theory.py.
+
 Poole et al. 2016 ("Exponential expressivity in deep neural networks through transient chaos"),
 Schoenholz et al. 2017 ("Deep Information Propagation"), He et al. 2015, Glorot & Bengio 2010.
 Weights W^(l) ~ N(0, σ_w²/fan_in), biases b^(l) ~ N(0, σ_b²), width → ∞: each pre-activation z_i^(l)

@@ -1,5 +1,8 @@
 """One training run, in story order: config, device, data, model, optimizer, probes, tracker, the loop.
 
+Over 400 lines: the loop, the run's lifecycle in the store and the command line's entry point, in the
+order a run goes through them.
+
 `train(cfg)` does the work and returns a RunResult; the run's lifecycle in the store (creation, tags,
 artifacts, final status, a traceback on failure, SIGTERM) is one context manager, `recorded`, so the
 loop reads as the happy path: steps, then one last evaluation and probe of the trained net. `main()` is
