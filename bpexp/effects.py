@@ -139,7 +139,7 @@ def sentence(
     """One effect in plain words: 'batchnorm lowers the final validation loss by 1.2 [0.9, 1.5] nats
     on average over the other practices'. `names` turns a factor's column into the practice's name."""
     names = names or {}
-    term = " with ".join(names.get(f, f) for f in row["factors"])
+    term = " and ".join(names.get(f, f) for f in row["factors"])
     effect, lo, hi = row["effect"], row["lo"], row["hi"]
     if not math.isfinite(effect):
         return f"{term}: no estimate (a level has no finite run)"

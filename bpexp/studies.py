@@ -148,7 +148,7 @@ def trainability_section(summary: pd.DataFrame) -> Section | None:
     fig.colorbar(image, ax=ax, label="final training loss (white: diverged)")
     fine = np.linspace(w2.min(), w2.max(), 200)
     line = np.array([trainable_depth(activation, w, sigma_b2) for w in fine])
-    ax.plot(fine, line, color="white", lw=2, label=r"$6\,\xi_c$ (Schoenholz et al. 2017)")
+    ax.plot(fine, line, color="crimson", lw=2, label=r"$6\,\xi_c$ (Schoenholz et al. 2017)")
     ax.set_yscale("log")
     ax.set_ylim(edges(depth, log=True)[[0, -1]])
     ax.set_xlabel(r"$\sigma_w^2$")

@@ -89,7 +89,7 @@ def test_sentences_say_direction_size_and_interval():
     )
     row = {"factors": ("a", "b"), "effect": 0.3, "lo": -0.1, "hi": 0.7}
     assert sentence(row, "the loss") == (
-        "a with b: together they raise the loss by 0.3 (95% CI -0.1 to +0.7 includes no effect)"
+        "a and b: together they raise the loss by 0.3 (95% CI -0.1 to +0.7 includes no effect)"
         " more than their separate effects add up to"
     )
 

@@ -38,7 +38,7 @@ def test_effects_section_answers_which_practice_helps_and_which_need_each_other(
     assert "batch norm lowers the final validation loss by 1 [" in text
     # ReLU helps only with standardized inputs: an interaction of -1.5 nats.
     assert (
-        "ReLU with He init with standardized inputs: together they lower the final validation loss by 1.5"
+        "ReLU with He init and standardized inputs: together they lower the final validation loss by 1.5"
         in text
     )
     assert "ReLU with He init raises the share of diverged runs by 0.25" in text
@@ -108,5 +108,5 @@ def test_a_factorial_sweep_is_reported_with_its_effects(tmp_path):
     report = build_report("latest", tracking_uri=store, out_dir=tmp_path / "reports", log=False)
     text = report.markdown.read_text()
     assert "## Effects" in text and "2 factors, 4 cells, 8 runs" in text
-    assert "- batch norm " in text and "- Adam " in text and "Adam with batch norm: together they" in text
+    assert "- batch norm " in text and "- Adam " in text and "Adam and batch norm: together they" in text
     assert report.figures["effects"].stat().st_size > 0
