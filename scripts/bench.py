@@ -184,7 +184,7 @@ def first_step(folder: Path) -> float:
     """Seconds from `python -m bpexp.train` to its log line just before the loop (an existing store)."""
     start = time.perf_counter()
     command = [sys.executable, "-m", "bpexp.train", f"tracking.uri=sqlite:///{folder}/1/mlflow.db"]
-    command.append(f"hydra.run.dir={folder}/cli")
+    command += [f"hydra.run.dir={folder}/cli", "hydra.verbose=bpexp.train"]  # the debug line "… started (…)"
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
         for line in proc.stdout:  # type: ignore[union-attr]
             if " started (" in line:
