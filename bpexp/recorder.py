@@ -62,7 +62,8 @@ import traceback
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from bpexp.names import Outcome, Tag
+from bpexp.config import History as HistoryChoice
+from bpexp.names import Outcome, Tag, split_key
 from bpexp.tracking import StoreError, Tracker, param_value
 
 log = logging.getLogger("bpexp.recorder")
@@ -72,7 +73,7 @@ FLUSH_SECONDS = 0.5  # the UI is at most this far behind a live run
 BATCH = 20_000  # values per transaction at most, so one writer never holds the SQLite lock for long
 DRAIN_LIMIT = 60.0  # seconds the trainer waits for the writer at the end, then leaves it to finish alone
 LOCK_TIMEOUT = 120.0  # seconds a transaction waits for the SQLite lock held by other writers
-HISTORY_MODES = ("full", "every_k", "summary")
+HISTORY_MODES = tuple(mode.value for mode in HistoryChoice)  # the config's choices, by name
 MAX_FLOAT = sys.float_info.max
 Row = tuple[str, float, int, int]  # key, value, timestamp (ms), step
 
@@ -83,8 +84,7 @@ class RecorderDied(StoreError):
 
 def is_layer_key(key: str) -> bool:
     """`grad_norm/l007` is per-layer; `train/loss`, `delta/log10_ratio` are scalars."""
-    last = key.rpartition("/")[2]
-    return last[:1] == "l" and last[1:].isdigit()
+    return split_key(key)[1] is not None
 
 
 class History:
