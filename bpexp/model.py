@@ -49,18 +49,25 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, None, None)
 
-    def trace(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    def trace(
+        self, x: torch.Tensor, inputs: list | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """(a^(L), [z^(1) … z^(L)], [f(z^(1)) … f(z^(L-1))]): each z (batch, width_l) retains its grad
-        (δ^(l) after backward; z^(L) is a^(L) itself), the hidden f(·) are detached, before dropout."""
+        (δ^(l) after backward; z^(L) is a^(L) itself), the hidden f(·) are detached, before dropout.
+        `inputs`, when a list, receives each layer's input a^(l-1) as the layer saw it (after dropout)."""
         zs: list[torch.Tensor] = []
         acts: list[torch.Tensor] = []
-        out = self.run(x, zs, acts)
+        out = self.run(x, zs, acts, inputs)
         return out, zs, acts
 
-    def run(self, x: torch.Tensor, zs: list | None, acts: list | None) -> torch.Tensor:
-        """The forward pass; appends z^(l) to `zs` and f(·) to `acts` when they are lists."""
+    def run(
+        self, x: torch.Tensor, zs: list | None, acts: list | None, inputs: list | None = None
+    ) -> torch.Tensor:
+        """The forward pass; appends z^(l) to `zs`, f(·) to `acts` and a^(l-1) to `inputs` when lists."""
         a = x
         for l, linear in enumerate(self.linears, start=1):
+            if inputs is not None:
+                inputs.append(a.detach())
             z = linear(a)
             if zs is not None:
                 zs.append(z)

@@ -49,6 +49,21 @@ class Metric(StrEnum):
     theory_delta_ratio = "theory/delta_log10_ratio"
     diverged_step = "diverged/step"
     gradcheck = "gradcheck/max_rel_err"
+    # Per-example gradient statistics over the probe's examples (instruments.py)
+    grad_noise_total = "grad_noise/total"  # tr Σ of the whole parameter vector
+    gns_total = "gns/total"  # B_simple = tr Σ / |G|² (McCandlish et al. 2018)
+    gns_smoothed = "gns/smoothed"  # tr Σ and |G|² each smoothed over probe steps (EMA), then their ratio
+    gsnr_total = "gsnr/total"  # the mean over parameters of Ḡ_p²/s_p² (Liu et al. 2020)
+    # The input-output Jacobian's squared singular values σ², at a few training inputs
+    jacobian_sv2_mean = "jacobian/sv2_mean"
+    jacobian_sv2_var = "jacobian/sv2_var"
+    jacobian_sv2_nvar = "jacobian/sv2_nvar"  # (m2 − m1²)/m1²: 0 = dynamical isometry
+    jacobian_sv_max = "jacobian/sv_max"
+    theory_jacobian_sv2_mean = "theory/jacobian_sv2_mean"
+    theory_jacobian_sv2_nvar = "theory/jacobian_sv2_nvar"
+    # The top eigenvalue of the training loss's Hessian, and 2/η of the step that follows (Cohen et al. 2021)
+    sharpness_top = "sharpness/top"
+    sharpness_two_over_lr = "sharpness/two_over_lr"
 
 
 class Quantity(StrEnum):
@@ -64,6 +79,9 @@ class Quantity(StrEnum):
     saturation = "saturation"  # share of units with f'(z) < 5% of max f' (sigmoid, tanh, softplus)
     dead = "dead"  # ReLU: share of units at 0 on the whole batch (no gradient passes)
     nonpositive = "nonpositive"  # leaky_relu, elu, selu, gelu: share at ≤ 0 on the whole batch (alive)
+    grad_noise = "grad_noise"  # tr Σ of layer l's parameters (W and b): the per-example gradient variance
+    gns = "gns"  # B_simple of layer l
+    gsnr = "gsnr"  # mean GSNR of layer l's parameters
 
 
 def profile(layer_norms: Sequence[float] | np.ndarray) -> tuple[float, float]:

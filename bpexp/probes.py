@@ -17,7 +17,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from bpexp.config import Activation
+from bpexp import instruments
+from bpexp.backprop import loss_value
+from bpexp.config import Activation, Loss, ProbesConfig
+from bpexp.isometry import predict_jacobian
 from bpexp.model import MLP
 from bpexp.names import TINY, Diagnosis, Metric, Quantity, layer_key, profile, split_key
 
@@ -72,9 +75,11 @@ class Probes:
         batch loss) ride along to the same host sync under their own keys.
         """
         self.scalars = {key: value.detach().to(F64).reshape(1) for key, value in scalars.items()}
+        self.pending = {}
         grad_w = [w.grad if w.grad is not None else torch.zeros_like(w) for w in self.weights]
         grad_b = [b.grad if b.grad is not None else torch.zeros_like(b) for b in self.biases]
-        p = self.pending = {
+        p = self.pending
+        p |= {
             Quantity.grad_norm: norms(grad_w),
             Quantity.grad_norm_b: norms(grad_b),
             Quantity.delta_norm: norms(delta),
@@ -82,6 +87,23 @@ class Probes:
         }
         p.update(self.activation_stats(activations))
         self.before = [w.detach().clone() for w in self.weights]
+
+    @torch.no_grad()
+    def read_noise(self, noise: instruments.GradientNoise, smoothed: torch.Tensor) -> None:
+        """Per-example gradient statistics, taken in the same host sync as the rest (call after read)."""
+        self.pending |= {
+            Quantity.grad_noise: noise.trace_sigma,
+            Quantity.gns: noise.noise_scale,
+            Quantity.gsnr: noise.gsnr,
+        }
+        total = noise.total()
+        for key, value in (
+            (Metric.grad_noise_total, total["trace_sigma"]),
+            (Metric.gns_total, total["noise_scale"]),
+            (Metric.gsnr_total, total["gsnr"]),
+            (Metric.gns_smoothed, smoothed),
+        ):
+            self.scalars[key] = value.reshape(1)
 
     def activation_stats(self, activations: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Mean, spread, saturation and dead share of a^(1) … a^(L) over the batch."""
@@ -216,3 +238,121 @@ class Dynamics:
     def write(self, path: Path) -> Path:
         self.frame().to_parquet(path, index=False)
         return path
+
+
+# Probes beyond norms (instruments.py): gradient noise, the Jacobian's spectrum, sharpness.
+JACOBIAN_INPUTS = 8  # the first training inputs: the same ones at every step, so a series compares
+NOISE_DECAY = 0.9  # of gns/smoothed's moving averages, per probe step
+
+
+class Instruments:
+    """Which of instruments.py's probes one lone net gets, on which examples, and their state between
+    steps (the noise scale's moving averages, sharpness's warm start). Off with probes.enabled=false."""
+
+    def __init__(self, model: MLP, cfg: ProbesConfig, loss: Loss, x_train: torch.Tensor, seed: int):
+        self.model, self.cfg, self.loss = model, cfg, loss
+        enabled = cfg.enabled
+        self.why_not_noise = noise_unsupported(model)
+        self.noise = enabled and cfg.noise and self.why_not_noise is None
+        plain = jacobian_unsupported(model) is None
+        self.jacobian_every = cfg.jacobian_every if enabled and plain else None
+        self.sharpness_every = cfg.sharpness_every if enabled else None
+        self.jacobian_x = x_train[:JACOBIAN_INPUTS]
+        self.generator = torch.Generator(device=x_train.device).manual_seed(seed + 2)  # probe batches
+        self.smoothed = instruments.NoiseScaleEMA(NOISE_DECAY)
+        self.theory: dict[str, float] = {}  # theory/jacobian_*, logged beside the spectrum at step 0
+        self.eigenvector: list[torch.Tensor] | None = None
+
+    def jacobian_due(self, step: int) -> bool:
+        every = self.jacobian_every
+        return every is not None and (step == 0 or (every > 0 and step % every == 0))
+
+    def sharpness_due(self, step: int) -> bool:
+        return self.sharpness_every is not None and step % self.sharpness_every == 0
+
+    def noise_examples(self, x_train: torch.Tensor, y_train: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """probes.noise_batch's examples: None = the step's minibatch, 0 = all, N = N drawn for this probe."""
+        n = self.cfg.noise_batch
+        if n is None:
+            return None
+        if n == 0 or n >= len(x_train):
+            return x_train, y_train
+        index = torch.randperm(len(x_train), generator=self.generator, device=x_train.device)[:n]
+        return x_train[index], y_train[index]
+
+    def gradient_noise(
+        self, delta: list[torch.Tensor], inputs: list[torch.Tensor]
+    ) -> tuple[instruments.GradientNoise, torch.Tensor]:
+        """The per-example statistics of δ^(l) and a^(l-1), and gns/smoothed with this probe in it."""
+        noise = instruments.gradient_noise(delta, inputs)
+        total = noise.total()
+        return noise, self.smoothed.update(total["trace_sigma"], total["grad_sq"])
+
+    def jacobian(self, step: int) -> dict[str, float]:
+        """jacobian/* of J = ∂a^(L-1)/∂x at the first training inputs (float64); the theory's twins
+        beside them at step 0."""
+        m = self.model
+        weights = [linear.weight.detach() for linear in m.linears]
+        biases = [linear.bias.detach() for linear in m.linears]
+        spectrum = instruments.jacobian_spectrum(weights, biases, m.activation, self.jacobian_x, m.residual)
+        measured = {key: float(value) for key, value in spectrum.metrics().items()}
+        return {**measured, **self.theory} if step == 0 else measured
+
+    def sharpness(
+        self, x: torch.Tensor, y: torch.Tensor, classification: bool, lr: float
+    ) -> dict[str, float]:
+        """sharpness/top on (x, y), warm-started from the last eigenvector, and 2/η of the next step.
+
+        The net's own state is left as it was: dropout's masks come from a forked RNG, batch norm's
+        running statistics are put back."""
+        m, params = self.model, list(self.model.parameters())
+        buffers = [b.clone() for b in m.buffers()]
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            found = instruments.top_hessian_eigenvalue(
+                lambda: loss_value(m(x), y, classification, self.loss),
+                params,
+                self.cfg.sharpness_iters,
+                start=self.eigenvector,
+            )
+        with torch.no_grad():
+            for b, saved in zip(m.buffers(), buffers, strict=True):
+                b.copy_(saved)
+        self.eigenvector = [v.detach() for v in found.vector]
+        return {Metric.sharpness_top: float(found.top), Metric.sharpness_two_over_lr: 2.0 / lr}
+
+
+def noise_unsupported(model: MLP) -> str | None:
+    """Why per-example gradients cannot be read off δ for this net, or None when they can."""
+    if any(isinstance(norm, torch.nn.BatchNorm1d) for norm in model.norms):
+        return (
+            "model.norm=batchnorm: an example's gradient depends on the whole batch, so the examples' "
+            "gradients are not independent draws and grad_noise/, gns/ and gsnr/ are not recorded"
+        )
+    return None
+
+
+def jacobian_unsupported(model: MLP) -> str | None:
+    """Why the Jacobian spectrum is not taken (instruments.input_jacobian's nets only), or None."""
+    if model.n_layers < 2:
+        return "no hidden layer"
+    if any(not isinstance(norm, torch.nn.Identity) for norm in model.norms):
+        return "normalization layers"
+    return None
+
+
+def jacobian_theory(model_cfg, in_dim: int, out_dim: int, x_train: torch.Tensor) -> dict[str, float]:
+    """theory/jacobian_* at initialization, for the inputs' mean square (empty where none applies)."""
+    prediction = predict_jacobian(model_cfg, in_dim, out_dim, float(x_train.pow(2).mean()))
+    return prediction.metrics() if prediction else {}
+
+
+def layer_signals(
+    model: MLP, x: torch.Tensor, y: torch.Tensor, classification: bool, loss: Loss
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """δ^(l) of the mean loss over (x, y) and the layer inputs a^(l-1), by one forward and one backward
+    that touch no .grad; dropout's masks come from a forked RNG, so the run's stream does not move."""
+    inputs: list[torch.Tensor] = []
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.enable_grad():
+        out, zs, _ = model.trace(x, inputs)
+        delta = torch.autograd.grad(loss_value(out, y, classification, loss), zs)
+    return list(delta), inputs

@@ -27,15 +27,15 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from bpexp.backprop import check_supported, gradcheck, manual_backward
+from bpexp.backprop import check_supported, gradcheck, loss_value, manual_backward, resolve_loss
 from bpexp.config import (
     Config,
     ConfigError,
     Device,
     Engine,
+    Loss,
     check_override_keys,
     config_hash,
     flatten,
@@ -47,7 +47,7 @@ from bpexp.lifecycle import sigterm_as_interrupt
 from bpexp.model import MLP, build_mlp, first_nonfinite_layer
 from bpexp.names import STATUS, Diagnosis, Metric, Outcome, Quantity, Tag, diagnosis_change, is_experiment
 from bpexp.optim import build_optimizer, clip_gradients
-from bpexp.probes import Dynamics, Probes, diagnose
+from bpexp.probes import Dynamics, Instruments, Probes, diagnose, jacobian_theory, layer_signals
 from bpexp.progress import Progress
 from bpexp.result import DIVERGED_OBJECTIVE, RunResult
 from bpexp.theory import Prediction, predict
@@ -76,7 +76,9 @@ def train(
     engine, steps = cfg.train.engine, cfg.train.steps
     if engine == Engine.manual or cfg.probes.gradcheck_every:
         check_supported(model)  # the hand-written backward has no normalization layers
+    loss = resolve_loss(cfg.train.loss, data.classification)  # a loss the data cannot take fails here
     probes = Probes(model, cfg.probes.every, cfg.probes.enabled)
+    extra = instruments_for(cfg, model, data, loss)
     prediction = predict(cfg.model, data.in_dim, data.out_dim, float(data.x_train.pow(2).mean()))
     batches = minibatches(data, cfg.train.batch_size, cfg.seed)
     bar = Progress(steps, run_name(cfg), stream=sys.stderr if progress else io.StringIO())
@@ -84,15 +86,17 @@ def train(
     with recorded(cfg, tracker, out_dir, prediction) as run:
         for step in range(steps):
             if step % cfg.train.eval_every == 0:
-                run.record(evaluate(model, data), step)
+                run.record(evaluate(model, data, loss), step)
             x, y = next(batches)
             probing = probes.due(step)
-            step_pass = backprop_pass(model, x, y, data, engine, probing)
+            step_pass = backprop_pass(model, x, y, data, engine, probing, loss, extra.noise)
             if not run.finite_loss(step_pass.loss, step, model, x):
                 break
             if probing:
                 probes.read(step_pass.delta, step_pass.activations, step_pass.scalars(data, y))
-            run.gradcheck(cfg.probes.gradcheck_every, step, model, x, y, data.classification)
+                read_noise(probes, extra, step_pass, data)
+            run.gradcheck(cfg.probes.gradcheck_every, step, model, x, y, data.classification, loss)
+            run.instruments(extra, step, x, y, data.classification, optimizer)
             clip_gradients(model.parameters(), cfg.optim.clip_norm)
             optimizer.step()
             schedule.step()
@@ -102,13 +106,15 @@ def train(
             if probing and not run.probed(probes.collect(stepped=True), step, model, x, bar):
                 break
         else:  # the trained net, once more: its validation loss and a probe without a step
-            run.record(evaluate(model, data), steps)
+            run.record(evaluate(model, data, loss), steps)
             if probes.enabled:
                 x, y = next(batches)
-                step_pass = backprop_pass(model, x, y, data, engine, probing=True)
+                step_pass = backprop_pass(model, x, y, data, engine, True, loss, extra.noise)
                 if run.finite_loss(step_pass.loss, steps, model, x):
                     probes.read(step_pass.delta, step_pass.activations, step_pass.scalars(data, y))
-                    run.gradcheck(cfg.probes.gradcheck_every, steps, model, x, y, data.classification)
+                    read_noise(probes, extra, step_pass, data)
+                    run.gradcheck(cfg.probes.gradcheck_every, steps, model, x, y, data.classification, loss)
+                    run.instruments(extra, steps, x, y, data.classification, optimizer)
                     run.probed(probes.collect(stepped=False), steps, model, x, bar)
                 optimizer.zero_grad(set_to_none=True)
         bar.close()
@@ -158,11 +164,34 @@ class Run:
         return False
 
     def gradcheck(
-        self, every: int, step: int, model: MLP, x: torch.Tensor, y: torch.Tensor, classification: bool
+        self,
+        every: int,
+        step: int,
+        model: MLP,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        classification: bool,
+        loss: Loss = Loss.auto,
     ) -> None:
         """probes.gradcheck_every: the manual engine's gradients against autograd's, on this batch."""
         if every and step % every == 0:
-            self.record({Metric.gradcheck: gradcheck(model, x, y, classification)}, step)
+            self.record({Metric.gradcheck: gradcheck(model, x, y, classification, loss)}, step)
+
+    def instruments(
+        self,
+        extra: Instruments,
+        step: int,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        classification: bool,
+        optimizer: torch.optim.Optimizer,
+    ) -> None:
+        """The Jacobian spectrum and the sharpness where due, on the net before this step's update;
+        2/η is that of the update that follows (the schedule has set it)."""
+        if extra.jacobian_due(step):
+            self.record(extra.jacobian(step), step)
+        if extra.sharpness_due(step):
+            self.record(extra.sharpness(x, y, classification, optimizer.param_groups[0]["lr"]), step)
 
     def diverged(self, step: int, model: MLP, x: torch.Tensor) -> None:
         self.result.outcome, self.result.diverged_step = Outcome.diverged, step
@@ -225,6 +254,7 @@ class Pass:
     out: torch.Tensor  # a^(L), (batch, out_dim)
     delta: list[torch.Tensor]  # δ^(1) … δ^(L)
     activations: list[torch.Tensor]  # f(z^(1)) … f(z^(L-1)) before dropout, then a^(L) = z^(L)
+    inputs: list[torch.Tensor] = field(default_factory=list)  # a^(0) … a^(L-1) after dropout (noise)
 
     def scalars(self, data: Dataset, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """The batch's loss (and accuracy), read by the probes in their one host sync."""
@@ -232,23 +262,60 @@ class Pass:
 
 
 def backprop_pass(
-    model: MLP, x: torch.Tensor, y: torch.Tensor, data: Dataset, engine: Engine, probing: bool
+    model: MLP,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    data: Dataset,
+    engine: Engine,
+    probing: bool,
+    loss: Loss = Loss.auto,
+    inputs: bool = False,
 ) -> Pass:
-    """Fill every .grad with ∂L/∂θ, by autograd or by the hand-written equations of backprop.py."""
+    """Fill every .grad with ∂L/∂θ, by autograd or by the hand-written equations of backprop.py;
+    `inputs`: also keep the layer inputs a^(l-1) on probe steps (for the gradient noise)."""
     if engine == Engine.manual:
-        manual = manual_backward(model, x, y, data.classification)
+        manual = manual_backward(model, x, y, data.classification, loss=loss)
         z, out = manual.forward.z, manual.forward.z[-1]
         hidden = [model.f(z_l) for z_l in z[:-1]] if probing else []
-        return Pass(manual.loss, out, manual.delta, [*hidden, out])
+        return Pass(manual.loss, out, manual.delta, [*hidden, out], manual.forward.a[:-1])
     if not probing:
         out = model(x)
-        loss = loss_fn(data, out, y)
-        loss.backward()  # a non-finite loss gives non-finite grads; the loop stops before they are used
-        return Pass(loss, out, [], [])
-    out, zs, acts = model.trace(x)  # autograd keeps z^(l) and its gradient δ^(l) on probe steps
-    loss = loss_fn(data, out, y)
-    loss.backward()
-    return Pass(loss, out, [z.grad for z in zs], [*acts, out.detach()])
+        value = loss_fn(data, out, y, loss)
+        value.backward()  # a non-finite loss gives non-finite grads; the loop stops before they are used
+        return Pass(value, out, [], [])
+    layer_inputs: list[torch.Tensor] | None = [] if inputs else None
+    out, zs, acts = model.trace(x, layer_inputs)  # autograd keeps z^(l) and its gradient δ^(l)
+    value = loss_fn(data, out, y, loss)
+    value.backward()
+    return Pass(value, out, [z.grad for z in zs], [*acts, out.detach()], layer_inputs or [])
+
+
+def instruments_for(cfg: Config, model: MLP, data: Dataset, loss: Loss) -> Instruments:
+    """probes.noise / jacobian_every / sharpness_every for this net; says once why noise is not taken."""
+    extra = Instruments(model, cfg.probes, loss, data.x_train, cfg.seed)
+    if cfg.probes.enabled and cfg.probes.noise and extra.why_not_noise:
+        log.warning("probes.noise: %s", extra.why_not_noise)
+    one = cfg.train.batch_size == 1 or len(data.x_train) == 1
+    if extra.noise and one and cfg.probes.noise_batch is None:
+        raise ConfigError(
+            "probes.noise=true needs at least 2 examples per probe, and train.batch_size=1: "
+            "set probes.noise_batch to 0 (all training data) or an integer ≥ 2"
+        )
+    if extra.jacobian_every is not None:
+        extra.theory = jacobian_theory(cfg.model, data.in_dim, data.out_dim, data.x_train)
+    return extra
+
+
+def read_noise(probes: Probes, extra: Instruments, step_pass: Pass, data: Dataset) -> None:
+    """probes.noise: per-example gradient statistics on the step's batch or on probes.noise_batch's."""
+    if not extra.noise:
+        return
+    picked = extra.noise_examples(data.x_train, data.y_train)
+    if picked is None:
+        delta, inputs = step_pass.delta, step_pass.inputs
+    else:
+        delta, inputs = layer_signals(extra.model, *picked, data.classification, extra.loss)
+    probes.read_noise(*extra.gradient_noise(delta, inputs))
 
 
 def finish(cfg: Config, run: Run, figure: bool = True) -> None:
@@ -326,9 +393,9 @@ def minibatches(
             yield data.x_train[index], data.y_train[index]
 
 
-def loss_fn(data: Dataset, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy for classification, MSE (mean over batch and outputs) for regression."""
-    return F.cross_entropy(out, y) if data.classification else F.mse_loss(out, y)
+def loss_fn(data: Dataset, out: torch.Tensor, y: torch.Tensor, loss: Loss = Loss.auto) -> torch.Tensor:
+    """train.loss: cross-entropy, or MSE (mean over batch and outputs; one-hot rows for classes)."""
+    return loss_value(out, y, data.classification, loss)
 
 
 def accuracy(data: Dataset, out: torch.Tensor, y: torch.Tensor, split: str) -> dict[str, torch.Tensor]:
@@ -338,14 +405,17 @@ def accuracy(data: Dataset, out: torch.Tensor, y: torch.Tensor, split: str) -> d
 
 
 @torch.no_grad()
-def evaluate(model: MLP, data: Dataset) -> dict[str, float]:
+def evaluate(model: MLP, data: Dataset, loss: Loss = Loss.auto) -> dict[str, float]:
     """Validation loss (and accuracy), with dropout off and batch-norm running statistics."""
     if len(data.x_val) == 0:
         return {}
     model.eval()
     out = model(data.x_val)
     model.train()
-    metrics = {Metric.val_loss: loss_fn(data, out, data.y_val), **accuracy(data, out, data.y_val, "val")}
+    metrics = {
+        Metric.val_loss: loss_fn(data, out, data.y_val, loss),
+        **accuracy(data, out, data.y_val, "val"),
+    }
     return {key: float(value) for key, value in metrics.items()}
 
 
