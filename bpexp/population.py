@@ -18,18 +18,31 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from bpexp.backprop import DERIVATIVES, check_supported, gradcheck
-from bpexp.config import Config, Engine, Norm, OptimName, flatten
+from bpexp import instruments
+from bpexp.backprop import DERIVATIVES, check_supported, gradcheck, mse_targets, resolve_loss
+from bpexp.config import Config, Engine, Loss, Norm, OptimName, flatten
 from bpexp.data import Dataset, make_data
 from bpexp.model import ACTIVATIONS, MLP, build_mlp, first_nonfinite_layer
 from bpexp.names import TINY, Diagnosis, Metric, Outcome, Quantity
 from bpexp.optim import build_schedule
-from bpexp.probes import F64, Dynamics, diagnose, row_metrics, unit_shares
+from bpexp.probes import (
+    F64,
+    JACOBIAN_INPUTS,
+    NOISE_DECAY,
+    Dynamics,
+    diagnose,
+    jacobian_theory,
+    jacobian_unsupported,
+    noise_unsupported,
+    row_metrics,
+    unit_shares,
+)
 from bpexp.result import RunResult
 from bpexp.theory import Prediction, predict
 from bpexp.train import minibatches, resolve_device, run_name
@@ -89,6 +102,7 @@ class Pass:
     out: torch.Tensor  # (M, batch, out_dim)
     delta: list[torch.Tensor]  # δ^(l), (M, batch, width_l)
     activations: list[torch.Tensor]  # f(z^(l)) before dropout, then a^(L), (M, batch, width_l)
+    inputs: list[torch.Tensor] = field(default_factory=list)  # a^(l-1) after dropout (probes.noise)
 
 
 class Population:
@@ -126,12 +140,14 @@ class Population:
         self.stack(nets)
         self.dropout = [m.cfg.model.dropout for m in self.members]
         self.classification = self.members[0].data.classification
+        self.loss_kind = resolve_loss(cfg.train.loss, self.classification)
         self.x_val = torch.stack([m.data.x_val for m in self.members])
         self.y_val = torch.stack([m.data.y_val for m in self.members])
         self.optimizer = PopulationOptimizer(
             self.parameters(), [m.cfg for m in self.members], cfg.train.steps
         )
         self.probes = PopulationProbes(self)
+        self.instruments = PopulationInstruments(self)
 
     def stack(self, nets: list[MLP]) -> None:
         """Stacked leaves (M, …): W^(l), b^(l), then the norms' γ, β and batch-norm running statistics."""
@@ -181,6 +197,16 @@ class Population:
                 norm.running_mean.copy_(self.running[l][0][m])
                 norm.running_var.copy_(self.running[l][1][m])
         return net
+
+    def layer_inputs(
+        self, x: torch.Tensor, hidden: list[torch.Tensor], masks: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """a^(0) … a^(L-1) as the layers saw them (after dropout), from forward's f(·) and masks."""
+        a = [x]
+        for l, h in enumerate(hidden):
+            h = h * masks[l] if masks else h
+            a.append(a[l] + h if self.cfg.model.residual and l > 0 else h)
+        return a
 
     # ---------------------------------------------------------------------------------------- forward
     def normalize(self, z: torch.Tensor, l: int, training: bool) -> torch.Tensor:
@@ -253,10 +279,10 @@ class Population:
 
     def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Each member's loss, (M,): cross-entropy or MSE, means over its own batch as train.loss_fn."""
-        if self.classification:
+        if self.loss_kind == Loss.cross_entropy:
             per_example = F.cross_entropy(out.flatten(0, 1), y.flatten(), reduction="none")
             return per_example.view(out.shape[:2]).mean(1)
-        return (out - y).pow(2).mean((1, 2))
+        return (out - mse_targets(y, out, self.classification)).pow(2).mean((1, 2))
 
     def accuracy(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         if not self.classification:
@@ -268,12 +294,13 @@ class Population:
         """Fill every stacked .grad with each member's ∂L_m/∂θ_m, by autograd or by hand."""
         if self.cfg.train.engine == Engine.manual:
             return self.manual_pass(x, y, probing)
-        out, z, hidden, _ = self.forward(x, keep=probing)
+        out, z, hidden, masks = self.forward(x, keep=probing)
         loss = self.loss(out, y)
         loss.sum().backward()  # members are independent: ∂(Σ L_m)/∂θ_m = ∂L_m/∂θ_m
         if not probing:
             return Pass(loss.detach(), out.detach(), [], [])
-        return Pass(loss.detach(), out.detach(), [z_l.grad for z_l in z], [*hidden, out.detach()])
+        inputs = self.layer_inputs(x, hidden, masks) if self.instruments.noise else []
+        return Pass(loss.detach(), out.detach(), [z_l.grad for z_l in z], [*hidden, out.detach()], inputs)
 
     @torch.no_grad()
     def manual_pass(self, x: torch.Tensor, y: torch.Tensor, probing: bool) -> Pass:
@@ -288,10 +315,10 @@ class Population:
             h = self.f(z[l]) * masks[l] if masks else self.f(z[l])
             a.append(a[l] + h if residual and l > 0 else h)
         batch, out_dim = out.shape[1:]
-        if self.classification:
+        if self.loss_kind == Loss.cross_entropy:
             d = (torch.softmax(out, dim=-1) - F.one_hot(y, out_dim).to(out.dtype)) / batch
         else:
-            d = 2 * (out - y) / (batch * out_dim)
+            d = 2 * (out - mse_targets(y, out, self.classification)) / (batch * out_dim)
         delta = [d]
         g = torch.bmm(d, self.weights[L - 1])
         for l in range(L - 1, 0, -1):
@@ -304,7 +331,7 @@ class Population:
             self.weights[l].grad = torch.bmm(d.transpose(1, 2), a_prev)
             self.biases[l].grad = d.sum(1)
         hidden = [self.f(z_l) for z_l in z[:-1]] if probing else []
-        return Pass(self.loss(out, y), out, delta, [*hidden, out])
+        return Pass(self.loss(out, y), out, delta, [*hidden, out], a)
 
     # ------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()
@@ -352,12 +379,14 @@ class Population:
                     member.losses[step] = loss
             if probing:
                 probes.read(step_pass, y)
+                self.instruments.read_noise(step_pass)
             if cfg.probes.gradcheck_every and step % cfg.probes.gradcheck_every == 0:
                 for m, member in enumerate(members):
                     if member.active:
                         net = self.member_mlp(m)
                         error = gradcheck(net, x[m], y[m], self.classification)
                         member.record({Metric.gradcheck: error}, step)
+            self.instruments.record(step, x, y)
             if not last:
                 self.optimizer.step(self.active_mask())
                 for member in members:
@@ -574,3 +603,150 @@ def train_population(cfgs: list[Config]) -> list[tuple[RunResult, Dynamics, Pred
     population = Population(cfgs)
     results = population.train()
     return [(r, m.dynamics, m.prediction) for r, m in zip(results, population.members, strict=True)]
+
+
+class PopulationInstruments:
+    """probes.Instruments for every member at once, each value equal to its lone run's: gradient noise
+    with a member dimension (one einsum-like product per layer), the Jacobian of every member in one
+    batched chain, and sharpness by one batched Hessian-vector product per Lanczos step (the Hessian of
+    the members' summed loss is block diagonal), normalized per member."""
+
+    def __init__(self, population: Population):
+        self.population = pop = population
+        cfg, template = pop.cfg.probes, pop.template
+        self.cfg = cfg
+        self.noise = cfg.enabled and cfg.noise and noise_unsupported(template) is None
+        plain = jacobian_unsupported(template) is None
+        self.jacobian_every = cfg.jacobian_every if cfg.enabled and plain else None
+        self.sharpness_every = cfg.sharpness_every if cfg.enabled else None
+        members = pop.members
+        self.generators = [
+            torch.Generator(device=pop.device).manual_seed(m.cfg.seed + 2) for m in members
+        ]  # probes.noise_batch's draws, one stream per member as in its lone run
+        self.smoothed = instruments.NoiseScaleEMA(NOISE_DECAY)
+        self.eigenvector: list[torch.Tensor] | None = None
+        if self.jacobian_every is not None:
+            self.jacobian_x = torch.stack([m.data.x_train[:JACOBIAN_INPUTS] for m in members])
+            self.theory = [
+                jacobian_theory(m.cfg.model, m.data.in_dim, m.data.out_dim, m.data.x_train) for m in members
+            ]
+
+    def read_noise(self, step_pass: Pass) -> None:
+        """Per-example gradient statistics of every member, into the probes' one host sync."""
+        if not self.noise:
+            return
+        pop = self.population
+        if self.cfg.noise_batch is None:
+            delta, inputs = step_pass.delta, step_pass.inputs
+        else:
+            delta, inputs = self.layer_signals(*self.noise_examples())
+        noise = instruments.gradient_noise(delta, inputs)  # fields (M, L)
+        total = noise.total()
+        smoothed = self.smoothed.update(total["trace_sigma"], total["grad_sq"])
+        probes = pop.probes
+        probes.pending |= {Quantity.grad_noise: noise.trace_sigma, Quantity.gns: noise.noise_scale}
+        probes.pending[Quantity.gsnr] = noise.gsnr
+        probes.scalars |= {
+            Metric.grad_noise_total: total["trace_sigma"],
+            Metric.gns_total: total["noise_scale"],
+            Metric.gsnr_total: total["gsnr"],
+            Metric.gns_smoothed: smoothed,
+        }
+
+    def noise_examples(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each member's probes.noise_batch examples, drawn as its lone run draws them: (M, N, …)."""
+        n, picked = self.cfg.noise_batch, []
+        for member, generator in zip(self.population.members, self.generators, strict=True):
+            x, y = member.data.x_train, member.data.y_train
+            if n == 0 or n >= len(x):
+                picked.append((x, y))
+                continue
+            index = torch.randperm(len(x), generator=generator, device=x.device)[:n]
+            picked.append((x[index], y[index]))
+        xs, ys = zip(*picked, strict=True)
+        return torch.stack(xs), torch.stack(ys)
+
+    def layer_signals(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """probes.layer_signals for every member: δ^(l) of each member's mean loss and a^(l-1), with
+        dropout's masks drawn from each member's generator and its state put back (a forked RNG)."""
+        pop = self.population
+        with kept_state(pop), torch.enable_grad():
+            out, z, hidden, masks = pop.forward(x, keep=True)
+            delta = torch.autograd.grad(pop.loss(out, y).sum(), z)
+        return list(delta), pop.layer_inputs(x, hidden, masks)
+
+    def record(self, step: int, x: torch.Tensor, y: torch.Tensor) -> None:
+        """The Jacobian spectrum and the sharpness where due, recorded for each active member."""
+        pop = self.population
+        every = self.jacobian_every
+        rows: list[dict[str, float]] = [{} for _ in pop.members]
+        if every is not None and (step == 0 or (every > 0 and step % every == 0)):
+            for row, values in zip(rows, self.jacobian(), strict=True):
+                row |= values
+            if step == 0:
+                for row, theory in zip(rows, self.theory, strict=True):
+                    row |= theory
+            for member, row in zip(pop.members, rows, strict=True):
+                if member.active:
+                    member.record(row, step)
+        if self.sharpness_every is not None and step % self.sharpness_every == 0:
+            for member, row in zip(pop.members, self.sharpness(x, y), strict=True):
+                if member.active:
+                    member.record(row, step)
+
+    def jacobian(self) -> list[dict[str, float]]:
+        pop = self.population
+        weights = [w.detach() for w in pop.weights]
+        biases = [b.detach() for b in pop.biases]
+        spectrum = instruments.jacobian_spectrum(
+            weights, biases, pop.cfg.model.activation, self.jacobian_x, pop.cfg.model.residual
+        )
+        metrics = spectrum.metrics()
+        columns = torch.stack(list(metrics.values()), 1).cpu().tolist()  # (M, keys): one sync
+        return [dict(zip(metrics, row, strict=True)) for row in columns]
+
+    def sharpness(self, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, float]]:
+        """Every member's top Hessian eigenvalue on its own batch, from the same start as its lone run."""
+        pop = self.population
+        params = pop.parameters()
+        start = self.eigenvector
+        if start is None:  # the lone run's fixed random start, the same for every member
+            generator = torch.Generator(device=pop.device).manual_seed(0)
+            start = [
+                torch.randn(p.shape[1:], generator=generator, dtype=p.dtype, device=p.device).expand_as(p)
+                for p in params
+            ]
+        with kept_state(pop):
+            found = instruments.top_hessian_eigenvalue(
+                lambda: pop.loss(pop.forward(x)[0], y).sum(),
+                params,
+                self.cfg.sharpness_iters,
+                start=start,
+                members=True,
+            )
+        self.eigenvector = [v.detach() for v in found.vector]
+        lr = pop.optimizer.lr * pop.optimizer.unit.param_groups[0]["lr"]  # η of each member's next step
+        values = torch.stack([found.top.to(F64).cpu(), 2.0 / lr.cpu()], 1).tolist()
+        return [
+            {Metric.sharpness_top: top, Metric.sharpness_two_over_lr: two_over_lr}
+            for top, two_over_lr in values
+        ]
+
+
+@contextmanager
+def kept_state(pop: Population) -> Iterator[None]:
+    """A side computation leaves the population as it was: the members' dropout generators and the
+    batch-norm running statistics are put back afterwards."""
+    states = [m.generator.get_state() for m in pop.members]
+    running = [(mean.clone(), var.clone()) for mean, var in pop.running]
+    try:
+        yield
+    finally:
+        for member, state in zip(pop.members, states, strict=True):
+            member.generator.set_state(state)
+        with torch.no_grad():
+            for (mean, var), (m0, v0) in zip(pop.running, running, strict=True):
+                mean.copy_(m0)
+                var.copy_(v0)

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import make_config
+from test_population import assert_same_run
 from torch.func import functional_call, grad, jacrev, vmap
 
 from bpexp.backprop import loss_value
@@ -207,3 +208,34 @@ def test_train_loss_mse_on_classes_through_both_engines(tmp_path):
 def test_cross_entropy_on_regression_data_fails_naming_the_key():
     with pytest.raises(ConfigError, match=r"train\.loss=cross_entropy"):
         train(make_config("tracking=none", "data=teacher", "train.loss=cross_entropy"))
+
+
+# ----------------------------------------------------------------------------------------- populations
+@pytest.mark.parametrize("engine", ["autograd", "manual"])
+def test_population_members_carry_the_instruments_of_their_lone_runs(engine, tmp_path):
+    """Every instrument of a member equals its lone run's to 1e-9 in float64: noise on the step's batch and
+    on a drawn one, the Jacobian with its theory, sharpness with dropout's masks and 2/η per member."""
+    shared = (
+        "tracking=none",
+        "train.dtype=float64",
+        "model.depth=2",
+        "model.width=8",
+        "train.batch_size=16",
+        "optim=sgd",
+        "train.steps=6",
+        "probes.every=3",
+        f"train.engine={engine}",
+        "probes.noise=true",
+        "probes.jacobian_every=3",
+        "probes.sharpness_every=2",
+        "probes.sharpness_iters=6",
+    )
+    cfgs = [
+        make_config(*shared, "seed=0", "model.dropout=0.2"),
+        make_config(*shared, "seed=1", "optim.lr=0.003", "model.init_gain=1.5"),
+    ]
+    members = assert_same_run(cfgs, tmp_path)
+    logged = set(members[1][1].frame().quantity)  # no dropout: the theory's twins are there too
+    assert {"gns/total", "jacobian/sv2_nvar", "theory/jacobian_sv2_nvar", "sharpness/top"} <= logged
+    drawn = [make_config(*shared, f"seed={s}", "probes.noise_batch=8", "train.loss=mse") for s in (3, 4)]
+    assert_same_run(drawn, tmp_path / "drawn")
