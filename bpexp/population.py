@@ -15,6 +15,7 @@ sync per probe step for the whole population.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterator
@@ -63,6 +64,7 @@ MEMBER_KEYS = (
     "optim.betas",
 )
 NOT_SHARED = ("tracking.", "sweep.")
+log = logging.getLogger("bpexp.population")
 # torch's defaults for the coefficients bpexp's configs do not set (optim.py builds with these).
 ADAM_EPS, RMSPROP_ALPHA, RMSPROP_EPS, ADAGRAD_EPS = 1e-8, 0.99, 1e-8, 1e-10
 BATCHNORM_MOMENTUM, NORM_EPS = 0.1, 1e-5
@@ -615,7 +617,10 @@ class PopulationInstruments:
         self.population = pop = population
         cfg, template = pop.cfg.probes, pop.template
         self.cfg = cfg
-        self.noise = cfg.enabled and cfg.noise and noise_unsupported(template) is None
+        why_not = noise_unsupported(template)
+        self.noise = cfg.enabled and cfg.noise and why_not is None
+        if cfg.enabled and cfg.noise and why_not:
+            log.warning("probes.noise: %s", why_not)  # once for the population, as once for a lone run
         plain = jacobian_unsupported(template) is None
         self.jacobian_every = cfg.jacobian_every if cfg.enabled and plain else None
         self.sharpness_every = cfg.sharpness_every if cfg.enabled else None

@@ -54,6 +54,7 @@ QUANTITIES = [  # what the report reads of the dynamics: the per-layer norms and
     Metric.delta_slope,
     Metric.grad_ratio,
     Metric.grad_slope,
+    Metric.sharpness_top,  # the edge-of-stability study
 ]
 GRAD = r"$\Vert\partial L/\partial W^{(l)}\Vert_F$"
 DELTA = r"$\Vert\delta^{(l)}\Vert_F = \Vert\partial L/\partial z^{(l)}\Vert_F$"
@@ -127,7 +128,7 @@ def build_report(
             plt.close(fig)
             report.figures[name] = path
     bar.close()
-    report.studies = studies.sections(summary)  # a designed study's answers: effects, trainability
+    report.studies = studies.sections(summary, dynamics)  # a designed study's answers: effects, trainability
     for section in report.studies:
         for name, fig in section.figures.items():
             fig.savefig(directory / f"{name}.png", dpi=DPI)

@@ -10,6 +10,10 @@ its figures, or nothing when the sweep is not that kind of study:
 - **Trainability** (a sweep over `model.depth` × `model.init_gain`, e.g. `experiment=trainability`):
   the final training loss over the grid, with the depth 6·ξ_c below which Schoenholz et al. 2017
   found nets to train drawn over it (bpexp.correlations).
+- **Dynamical isometry** (a sweep over `model.depth` whose runs logged `jacobian/sv2_nvar`, e.g.
+  `experiment=isometry`): the Jacobian spectrum's width against depth, measured and predicted.
+- **Edge of stability** (a sweep over `optim.lr` whose runs logged `sharpness/top`, e.g.
+  `experiment=edge_of_stability`): sharpness over training against 2/η.
 """
 
 from __future__ import annotations
@@ -191,7 +195,106 @@ def edges(centres: np.ndarray, log: bool = False) -> np.ndarray:
     return np.exp(out) if log else out
 
 
-def sections(summary: pd.DataFrame) -> list[Section]:
+def sections(summary: pd.DataFrame, dynamics: pd.DataFrame | None = None) -> list[Section]:
     """The study sections this sweep has, in report order."""
-    found = [effects_section(summary), trainability_section(summary)]
+    found = [
+        effects_section(summary),
+        trainability_section(summary),
+        isometry_section(summary),
+        edge_of_stability_section(summary, dynamics),
+    ]
     return [s for s in found if s is not None]
+
+
+# The instruments' studies: dynamical isometry at initialization, and the edge of stability.
+HOVERS = (0.8, 1.25)  # sharpness over the last half of training within these factors of 2/η: at the edge
+
+
+def isometry_section(summary: pd.DataFrame) -> Section | None:
+    """The Jacobian's scale-free spread (m2 − m1²)/m1² of σ² against depth, measured (markers) and
+    predicted (lines, Pennington et al. 2017), one colour per activation × init; None for other sweeps."""
+    needed = ["model.depth", "model.activation", "model.init", "jacobian/sv2_nvar"]
+    if any(c not in summary for c in needed) or summary["model.depth"].nunique() < 3:
+        return None
+    theory = "theory/jacobian_sv2_nvar"
+    table = summary.assign(theory=summary.get(theory, np.nan))
+    groups = table.groupby(["model.activation", "model.init"], sort=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = [
+        "Spread of the squared singular values of the input-output Jacobian J = ∂a^(L−1)/∂x at "
+        "initialization, (m2 − m1²)/m1² (0 = dynamical isometry: every singular value equal), against "
+        "depth; markers: measured (median over the inputs' spectra and seeds), lines: the free-probability "
+        "prediction of Pennington, Schoenholz & Ganguli 2017 at infinite width.",
+        "",
+        "| activation | init | depth | measured | theory |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    activations = sorted(table["model.activation"].unique())
+    inits = sorted(table["model.init"].unique())
+    for (activation, init), group in groups:
+        by_depth = group.groupby("model.depth")[["jacobian/sv2_nvar", "theory"]].median().sort_index()
+        depth = by_depth.index.to_numpy(dtype=float)
+        color = plt.cm.tab10.colors[activations.index(activation) % 10]
+        style = ("o", "-") if inits.index(init) % 2 == 0 else ("s", "--")
+        ax.plot(
+            depth,
+            by_depth["jacobian/sv2_nvar"],
+            style[0],
+            color=color,
+            mfc="none",
+            label=f"{activation}, {init}",
+        )
+        ax.plot(depth, by_depth["theory"], style[1], color=color, alpha=0.7)
+        deepest = by_depth.iloc[-1]
+        lines.append(
+            f"| {activation} | {init} | {int(depth[-1])} | {deepest['jacobian/sv2_nvar']:.3g} "
+            f"| {deepest['theory']:.3g} |"
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("symlog", linthresh=1e-2)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("depth (hidden layers)")
+    ax.set_ylabel(r"$(m_2 - m_1^2)/m_1^2$ of $\sigma^2(J)$")
+    ax.set_title("Jacobian spectrum width at init (markers: measured, lines: theory)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return Section("Dynamical isometry", lines, {"isometry": fig})
+
+
+def edge_of_stability_section(summary: pd.DataFrame, dynamics: pd.DataFrame | None) -> Section | None:
+    """sharpness/top over training against 2/η for each step size (Cohen et al. 2021); None without it."""
+    if dynamics is None or "optim.lr" not in summary or summary["optim.lr"].nunique() < 2:
+        return None
+    top = dynamics[dynamics["quantity"] == "sharpness/top"]
+    if top.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = [
+        "Top eigenvalue of the training loss's Hessian (sharpness) during training, one colour per step "
+        "size η; the dashed line of each colour is 2/η, where gradient descent on a quadratic stops being "
+        "stable (Cohen et al. 2021). Late: the median sharpness over the last half of training.",
+        "",
+        "| η | 2/η | peak sharpness | late sharpness | late / (2/η) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    ordered = summary.assign(lr=summary["optim.lr"].astype(float)).sort_values("lr")
+    for color, (_, run) in zip(
+        plt.cm.viridis(np.linspace(0, 0.9, len(ordered))), ordered.iterrows(), strict=True
+    ):
+        series = top[top["run_id"].astype(str) == str(run["run_id"])].sort_values("step")
+        if series.empty:
+            continue
+        lr, edge = float(run["lr"]), 2.0 / float(run["lr"])
+        ax.plot(series["step"], series["value"], color=color, label=f"η = {lr:g}")
+        ax.axhline(edge, color=color, ls="--", lw=1)
+        late = series[series["step"] >= series["step"].max() / 2]["value"].median()
+        lines.append(
+            f"| {lr:g} | {edge:.4g} | {series['value'].max():.4g} | {late:.4g} | {late / edge:.2f} |"
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("sharpness (top Hessian eigenvalue)")
+    ax.set_title("Sharpness under full-batch gradient descent; dashed: 2/η")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return Section("Edge of stability", lines, {"edge_of_stability": fig})
