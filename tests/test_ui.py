@@ -49,6 +49,8 @@ SWEEP = [
     "data=teacher",
     "train.steps=30",
     f"model.depth={DEPTH}",
+    "probes.noise=true",  # the instruments' chart groups: grad_noise/, gns/, gsnr/, jacobian/, sharpness/
+    "probes.sharpness_every=10",
 ]
 CHROMIUM_ARGS = [
     "--no-sandbox",
@@ -240,9 +242,12 @@ def test_a_run_page_shows_the_per_layer_chart_groups_in_layer_order(page, sweep,
     headers = page.get_by_test_id("experiment-view-compare-runs-section-header")
     for group in ("grad_norm", "delta_norm", "update_ratio", "train", "val"):
         expect(section(page, group)).to_have_count(1)
+    for group in ("grad_noise", "gns", "gsnr", "jacobian", "sharpness"):  # the instruments
+        expect(section(page, group)).to_have_count(1)
 
     search = page.get_by_placeholder("Search metric charts")
-    for group, extra in [("grad_norm", ["total"]), ("update_ratio", []), ("delta_norm", [])]:
+    groups = [("grad_norm", ["total"]), ("update_ratio", []), ("delta_norm", []), ("grad_noise", ["total"])]
+    for group, extra in groups:
         search.fill(f"{group}/")  # this group's charts only (grad_norm_b/… does not contain "grad_norm/")
         expect(headers).to_have_count(1)
         expect(headers.first).to_contain_text(f"{group}({len(LAYERS) + len(extra)})")
