@@ -47,6 +47,35 @@ DERIVATIVES: dict[Activation, Callable[[Tensor], Tensor]] = {
 }
 
 
+def d2_tanh(z: Tensor) -> Tensor:
+    t = torch.tanh(z)
+    return -2 * t * (1 - t * t)  # (1 − tanh²)' = −2 tanh (1 − tanh²)
+
+
+def d2_sigmoid(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 - s) * (1 - 2 * s)  # (σ(1 − σ))' = σ(1 − σ)(1 − 2σ)
+
+
+# f''(z) for every activation, for the Hessian-vector product (piecewise-linear ones: 0 off the kink).
+SECOND_DERIVATIVES: dict[Activation, Callable[[Tensor], Tensor]] = {
+    Activation.identity: torch.zeros_like,
+    Activation.sigmoid: d2_sigmoid,
+    Activation.tanh: d2_tanh,
+    Activation.relu: torch.zeros_like,
+    Activation.leaky_relu: torch.zeros_like,
+    Activation.elu: lambda z: torch.where(z > 0, 0.0, torch.exp(z)),
+    Activation.selu: lambda z: torch.where(z > 0, 0.0, SELU_SCALE * SELU_ALPHA * torch.exp(z)),
+    Activation.gelu: lambda z: torch.exp(-0.5 * z * z) * (1 / math.sqrt(2 * math.pi)) * (2 - z * z),
+    Activation.softplus: lambda z: torch.where(z > SOFTPLUS_THRESHOLD, 0.0, d2_softplus(z)),
+}
+
+
+def d2_softplus(z: Tensor) -> Tensor:
+    s = torch.sigmoid(z)
+    return s * (1 - s)
+
+
 def check_supported(model: MLP) -> None:
     """Raise ConfigError (a ValueError) unless the model is Linear -> f -> [dropout] (+ residual) only."""
     names = {nn.BatchNorm1d: "batchnorm", nn.LayerNorm: "layernorm"}
@@ -261,3 +290,80 @@ def relative_error(mine: Tensor, ref: Tensor) -> Tensor:
     """‖mine − ref‖ / ‖ref‖ (0 when both are zero)."""
     diff, norm = torch.linalg.vector_norm(mine - ref), torch.linalg.vector_norm(ref)
     return torch.where(diff == 0, torch.zeros_like(diff), diff / norm)
+
+
+# ------------------------------------------------------------------------------ Hessian-vector products
+@dataclass
+class Curvature:
+    """One forward and backward pass, kept for any number of Hessian-vector products at the same θ."""
+
+    fp: ForwardPass
+    delta: list[Tensor]  # δ^(1) … δ^(L)
+    slope: list[Tensor]  # f'(z^(l)) of the hidden layers
+    bend: list[Tensor]  # g^(l) ⊙ f''(z^(l)): how δ^(l) moves when z^(l) does, for g^(l) fixed
+    probs: Tensor | None  # softmax(z^(L)) for cross-entropy, None for MSE
+    loss: Loss
+
+
+def curvature(model: MLP, x: Tensor, y: Tensor, classification: bool, loss: Loss = Loss.auto) -> Curvature:
+    """The seed's forward and backward at θ (no dropout: the product is of one deterministic loss)."""
+    fp = forward(model, x)  # no masks are drawn: only called for nets without dropout
+    f_prime, f_second = DERIVATIVES[model.activation], SECOND_DERIVATIVES[model.activation]
+    L, kind = model.n_layers, resolve_loss(loss, classification)
+    with torch.no_grad():
+        d = output_delta(fp.z[L - 1], y, classification, kind)
+        delta, slope, bend = [d], [], []
+        g = d @ model.linears[L - 1].weight  # g^(L-1)
+        for l in range(L - 1, 0, -1):
+            z = fp.z[l - 1]
+            slope.insert(0, f_prime(z))
+            bend.insert(0, g * f_second(z))
+            d = g * slope[0]
+            delta.insert(0, d)
+            if l > 1:
+                g = d @ model.linears[l - 1].weight + (g if skips(model, l) else 0)
+        probs = torch.softmax(fp.z[L - 1], dim=1) if kind == Loss.cross_entropy else None
+    return Curvature(fp, delta, slope, bend, probs, kind)
+
+
+@torch.no_grad()
+def hessian_vector_product(model: MLP, c: Curvature, v: list[Tensor]) -> list[Tensor]:
+    """H·v for v = (V_W^(1), V_b^(1), …) shaped like the parameters, by the R-operator (Pearlmutter 1994)
+    on the equations above: R{z^(l)} = R{a^(l-1)} Wᵀ + a^(l-1) V_Wᵀ + V_b,
+    R{a^(l)} = f'(z)·R{z} (+ R{a^(l-1)}),
+    R{δ^(L)} = ∂δ^(L)/∂z^(L)·R{z^(L)}, R{g^(l-1)} = R{δ^(l)} W + δ^(l) V_W (+ R{g^(l)}),
+    R{δ^(l)} = R{g^(l)}·f'(z) + g^(l)·f''(z)·R{z^(l)}, and H·v for W^(l) = R{δ}ᵀ a^(l-1) + δᵀ R{a^(l-1)}.
+    Cost: about two training steps of matrix products, with no autograd graph."""
+    L, a, batch, out_dim = model.n_layers, c.fp.a, *c.fp.z[-1].shape
+    weights = [linear.weight for linear in model.linears]
+    Ra: list[Tensor | None] = [None]  # R{a^(0)} = 0
+    Rz = []
+    for l in range(1, L + 1):
+        V_W, V_b = v[2 * l - 2], v[2 * l - 1]
+        r = a[l - 1] @ V_W.T + V_b
+        if Ra[l - 1] is not None:
+            r = r + Ra[l - 1] @ weights[l - 1].T
+        Rz.append(r)
+        if l < L:
+            h = c.slope[l - 1] * r
+            Ra.append(Ra[l - 1] + h if skips(model, l) else h)
+    r = Rz[-1]
+    if c.probs is None:
+        Rd = 2 * r / (batch * out_dim)
+    else:
+        p = c.probs
+        Rd = (p * r - p * (p * r).sum(1, keepdim=True)) / batch
+    out: list[Tensor] = []
+    Rg = None
+    for l in range(L, 0, -1):
+        d, V_W = c.delta[l - 1], v[2 * l - 2]
+        if l < L:
+            Rd = Rg * c.slope[l - 1] + c.bend[l - 1] * Rz[l - 1]
+        grad_W = Rd.T @ a[l - 1]
+        if Ra[l - 1] is not None:
+            grad_W = grad_W + d.T @ Ra[l - 1]
+        out[:0] = [grad_W, Rd.sum(0)]
+        if l > 1:
+            step = Rd @ weights[l - 1] + d @ V_W
+            Rg = Rg + step if (Rg is not None and skips(model, l)) else step
+    return out

@@ -239,11 +239,12 @@ class Sharpness:
 
 
 def top_hessian_eigenvalue(
-    loss_fn: Callable[[], Tensor],
+    loss_fn: Callable[[], Tensor] | None,
     params: Sequence[Tensor],
     iters: int = 20,
     start: Sequence[Tensor] | None = None,
     members: bool = False,
+    product: Callable[[list[Tensor]], Sequence[Tensor]] | None = None,
 ) -> Sharpness:
     """λ_max of ∇²L by ``iters`` steps of Lanczos (one Hessian-vector product each, by double backward),
     with full reorthogonalization, started from ``start`` (the previous eigenvector) or a fixed random vector.
@@ -253,7 +254,8 @@ def top_hessian_eigenvalue(
     members=True: parameters lead with a member dimension M and loss_fn returns the SUM of the members'
     losses, so the Hessian is block diagonal and each member gets its own Lanczos run, side by side.
     Vectors live flat, (M, P), so reorthogonalization is two matrix products per iteration.
-    Gradients are taken with torch.autograd.grad: no parameter's .grad is touched."""
+    Gradients are taken with torch.autograd.grad: no parameter's .grad is touched. `product`: a
+    Hessian-vector product of its own (e.g. backprop.hessian_vector_product), used instead of autograd's."""
     params = list(params)
     lead = params[0].shape[0] if members else 1
 
@@ -264,11 +266,15 @@ def top_hessian_eigenvalue(
         sizes = [p.numel() // lead for p in params]
         return [t.reshape(p.shape) for t, p in zip(v.split(sizes, dim=1), params, strict=True)]
 
-    with torch.enable_grad():
-        grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
+    if product is not None:
+        hvp = lambda v: flat(product(unflat(v)))  # noqa: E731
+    else:
+        assert loss_fn is not None, "top_hessian_eigenvalue needs loss_fn or product"
+        with torch.enable_grad():
+            grads = torch.autograd.grad(loss_fn(), params, create_graph=True)
 
-    def hvp(v: Tensor) -> Tensor:
-        return flat(torch.autograd.grad(grads, params, grad_outputs=unflat(v), retain_graph=True))
+        def hvp(v: Tensor) -> Tensor:
+            return flat(torch.autograd.grad(grads, params, grad_outputs=unflat(v), retain_graph=True))
 
     if start is None:
         generator = torch.Generator(device=params[0].device).manual_seed(0)

@@ -2,6 +2,7 @@
 
     python scripts/bench.py                 # the full table (a few minutes on 2 cores)
     python scripts/bench.py --quick         # smaller sizes, to check that it runs
+    python scripts/bench.py --instruments   # only what the instruments cost (noise, sharpness, Jacobian)
 
 For each MLP size the same data, model and steps run as: the bare PyTorch loop (the floor), the harness
 with default settings (probes every 10 steps, MLflow logging into a SQLite store), and the harness
@@ -210,14 +211,57 @@ def engine_ratio(steps: int, repeats: int) -> list[dict]:
     return rows
 
 
+INSTRUMENTS = {  # name -> (size, overrides against the default run of that size, the target)
+    "noise on every probe step": ((4, 64), ["probes.noise=true"], 1.15),
+    "noise, 8 x 64": ((8, 64), ["probes.noise=true"], 1.15),
+    "sharpness every 50 steps, 20 HVPs": (
+        (8, 64),
+        ["probes.sharpness_every=50", "probes.sharpness_iters=20"],
+        1.3,
+    ),
+    "Jacobian at init (in the default)": ((32, 256), [], None),
+}
+
+
+def instruments_table(steps: int, repeats: int) -> list[dict]:
+    """Loop time with each instrument on, as a ratio to the default run of the same size (probes every 10
+    steps, tracking=none so the store's noise stays out), median over alternating repetitions; the
+    Jacobian's row compares the default (spectrum at init) against probes.jacobian_every=null."""
+    rows = []
+    for name, ((depth, width), overrides, target) in INSTRUMENTS.items():
+        common = [f"model.depth={depth}", f"model.width={width}", f"train.steps={steps}", "tracking=none"]
+        base = ["probes.jacobian_every=null"] if not overrides else []
+        times: dict[str, list[float]] = {"base": [], "with": []}
+        for _ in range(repeats):
+            times["base"].append(train(config(*common, *base)).loop_seconds)
+            times["with"].append(train(config(*common, *overrides)).loop_seconds)
+        base_s, with_s = statistics.median(times["base"]), statistics.median(times["with"])
+        rows.append({"name": name, "size": f"{depth} x {width}", "base_s": base_s, "with_s": with_s,
+                     "ratio": with_s / base_s, "target": target})  # fmt: skip
+    return rows
+
+
+def print_instruments(steps: int, repeats: int) -> None:
+    print(f"\ninstruments: loop time / the default run of the same size ({steps} steps, no store), "
+          f"median of {repeats} alternating runs")  # fmt: skip
+    for r in instruments_table(steps, repeats):
+        target = f"target <= {r['target']:.2f}x" if r["target"] else f"+{r['with_s'] - r['base_s']:.3f} s"
+        print(f"  {r['name']:<36} {r['size']:>8}: {r['base_s']:6.2f} s -> {r['with_s']:6.2f} s, "
+              f"{r['ratio']:5.2f}x  ({target})")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps")
+    parser.add_argument("--instruments", action="store_true", help="only the instruments' table")
     args = parser.parse_args()
     sizes = [(8, 64), (8, 256), (32, 64), (32, 256)]
     steps, repeats = (60, 2) if args.quick else (300, 3)
+    if args.instruments:
+        print_instruments(steps, 5 if not args.quick else repeats)
+        return
     if args.quick:
         sizes = sizes[:2]
 
@@ -250,6 +294,7 @@ def main() -> None:
     print(
         "targets: >= 50000 values/s one run, >= 20000 per run four at once, drain <= 0.3 s, first step <= 3 s"
     )
+    print_instruments(steps, repeats)
 
 
 if __name__ == "__main__":

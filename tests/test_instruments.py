@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch.func import grad, jacrev, vmap
 
 from bpexp import instruments
-from bpexp.config import Activation
-from bpexp.model import ACTIVATIONS
+from bpexp.backprop import curvature, hessian_vector_product, loss_value
+from bpexp.config import Activation, Loss, ModelConfig
+from bpexp.model import ACTIVATIONS, build_mlp
 
 F64 = torch.float64
 
@@ -291,3 +292,23 @@ def test_top_hessian_eigenvalue_per_member():
         loss, theta = flat_loss(net, x, y)
         top = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, theta))[-1]
         torch.testing.assert_close(found.top[i], top, rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("activation", list(Activation))
+@pytest.mark.parametrize(("loss", "classification"), [("mse", False), ("cross_entropy", True), ("mse", True)])
+def test_hessian_vector_product_by_hand_matches_double_backward(activation, loss, classification):
+    """backprop.hessian_vector_product (the R-operator on the seed's equations) against autograd's double
+    backward in float64, with a residual path so that every term of the recursion is exercised."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(depth=3, width=6, activation=activation, residual=True, bias_std=0.1)
+    model = build_mlp(cfg, 4, 3).double()
+    x, y = data(7, 4, 3, classification)
+    params = list(model.parameters())
+    v = [torch.randn_like(p) for p in params]
+    grads = torch.autograd.grad(
+        loss_value(model(x), y, classification, Loss(loss)), params, create_graph=True
+    )
+    expected = torch.autograd.grad(grads, params, grad_outputs=v)
+    mine = hessian_vector_product(model, curvature(model, x, y, classification, Loss(loss)), v)
+    for got, want in zip(mine, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
