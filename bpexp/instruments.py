@@ -29,6 +29,7 @@ from torch import Tensor
 from bpexp.backprop import DERIVATIVES
 from bpexp.config import Activation
 from bpexp.model import ACTIVATIONS
+from bpexp.names import Metric, Quantity, layer_key
 
 F64 = torch.float64
 
@@ -74,16 +75,16 @@ class GradientNoise:
         """MLflow keys grad_noise/lNNN, gns/lNNN, gsnr/lNNN and their /total, as (...,) tensors."""
         out: dict[str, Tensor] = {}
         for name, per_layer in (
-            ("grad_noise", self.trace_sigma),
-            ("gns", self.noise_scale),
-            ("gsnr", self.gsnr),
+            (Quantity.grad_noise, self.trace_sigma),
+            (Quantity.gns, self.noise_scale),
+            (Quantity.gsnr, self.gsnr),
         ):
             for l in range(per_layer.shape[-1]):
-                out[f"{name}/l{l + 1:03d}"] = per_layer[..., l]
+                out[layer_key(name, l + 1)] = per_layer[..., l]
         total = self.total()
-        out["grad_noise/total"] = total["trace_sigma"]
-        out["gns/total"] = total["noise_scale"]
-        out["gsnr/total"] = total["gsnr"]
+        out[Metric.grad_noise_total] = total["trace_sigma"]
+        out[Metric.gns_total] = total["noise_scale"]
+        out[Metric.gsnr_total] = total["gsnr"]
         return out
 
 
@@ -163,10 +164,10 @@ class JacobianSpectrum:
 
     def metrics(self) -> dict[str, Tensor]:
         return {
-            "jacobian/sv2_mean": self.sv2_mean,
-            "jacobian/sv2_var": self.sv2_var,
-            "jacobian/sv2_nvar": self.sv2_nvar,
-            "jacobian/sv_max": self.sv_max,
+            Metric.jacobian_sv2_mean: self.sv2_mean,
+            Metric.jacobian_sv2_var: self.sv2_var,
+            Metric.jacobian_sv2_nvar: self.sv2_nvar,
+            Metric.jacobian_sv_max: self.sv_max,
         }
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 
 from bpexp.config import Activation, Init, ModelConfig
+from bpexp.names import Metric
 from bpexp.theory import ACTIVATIONS, HOMOGENEOUS, LEAKY_SLOPE, gaussian_mean, init_variances, q_trajectory
 from bpexp.theory import unsupported as mean_field_unsupported
 
@@ -75,7 +76,10 @@ class JacobianPrediction:
 
     def metrics(self) -> dict[str, float]:
         """Step-0 twins of jacobian/sv2_mean and jacobian/sv2_nvar (finite only)."""
-        values = {"theory/jacobian_sv2_mean": self.sv2_mean, "theory/jacobian_sv2_nvar": self.sv2_nvar}
+        values = {
+            Metric.theory_jacobian_sv2_mean: self.sv2_mean,
+            Metric.theory_jacobian_sv2_nvar: self.sv2_nvar,
+        }
         return {k: float(v) for k, v in values.items() if math.isfinite(v)}
 
 
