@@ -211,7 +211,9 @@ def jacobian_spectrum(
     weights = [w.to(F64) for w in weights]
     biases = [b.to(F64) for b in biases]
     jac = input_jacobian(weights, biases, activation, x.to(F64), residual)  # (..., k, n_{L-1}, n_0)
-    sv = torch.linalg.svdvals(jac)  # (..., k, min(n_{L-1}, n_0))
+    finite = torch.isfinite(jac).all(-1).all(-1)  # (..., k): an overflowing chain gives NaN, not an error
+    sv = torch.linalg.svdvals(torch.where(finite[..., None, None], jac, 0.0))  # (..., k, min(n_{L-1}, n_0))
+    sv = torch.where(finite[..., None], sv, torch.nan)
     sv2 = sv * sv
     # JJᵀ is n_{L-1} × n_{L-1}: when n_0 < n_{L-1} its n_{L-1} − n_0 zeros count in m1 and m2 (not in hist).
     n = jac.shape[-2]
@@ -300,8 +302,10 @@ def top_hessian_eigenvalue(
         if betas:
             off = torch.diag_embed(torch.stack(betas, -1), offset=1)
             T = T + off + off.mT
-        evals, evecs = torch.linalg.eigh(T)
+        bad = ~torch.isfinite(T).all(-1).all(-1)  # (M,): a non-finite net gets NaN, not an error
+        evals, evecs = torch.linalg.eigh(torch.where(bad[:, None, None], 0.0, T))
         ritz = (evecs[..., -1].unsqueeze(1) @ Q[:, :k]).squeeze(1)  # (M, P)
         ritz = ritz / torch.linalg.vector_norm(ritz, dim=1, keepdim=True)
-    top = evals[..., -1]
+        ritz = torch.where(bad[:, None], Q[:, 0], ritz)  # the next call starts where this one did
+    top = torch.where(bad, torch.nan, evals[..., -1])
     return Sharpness(top=top if members else top[0], vector=unflat(ritz))

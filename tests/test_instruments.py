@@ -312,3 +312,15 @@ def test_hessian_vector_product_by_hand_matches_double_backward(activation, loss
     mine = hessian_vector_product(model, curvature(model, x, y, classification, Loss(loss)), v)
     for got, want in zip(mine, expected, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
+def test_a_net_that_overflows_gives_nan_not_an_error():
+    """A diverging run is an outcome: the Jacobian spectrum and sharpness of a non-finite net are NaN."""
+    weights = [torch.full((4, 4), 1e200, dtype=F64)] * 3 + [torch.ones(2, 4, dtype=F64)]  # J overflows
+    biases = [torch.zeros(4, dtype=F64)] * 3 + [torch.zeros(2, dtype=F64)]
+    x = torch.ones(3, 4, dtype=F64)
+    spectrum = instruments.jacobian_spectrum(weights, biases, Activation.identity, x)
+    assert all(math.isnan(float(v)) for v in spectrum.metrics().values())
+    p = torch.tensor([1e300, 1.0], dtype=F64, requires_grad=True)
+    found = instruments.top_hessian_eigenvalue(lambda: (p**4).sum() * 1e300, [p], iters=3)
+    assert math.isnan(float(found.top)) and torch.isfinite(found.vector[0]).all()
