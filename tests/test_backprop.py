@@ -131,11 +131,14 @@ def test_manual_backward_matches_autograd(
 
     assert rel(manual.loss, loss) <= 1e-12
     assert len(manual.delta) == len(delta) == model.n_layers
+    # In a saturated unit f'(z) = 1 − tanh²(z) is a difference of two numbers near 1: where it is ~1e-6,
+    # the ulp by which the two forwards may round z apart is a 1e-10 relative error in every δ below it
+    # (seen: width 1, tanh, scale 2). 1e-8 still fails any wrong term by orders of magnitude.
     for l in range(1, model.n_layers + 1):
         (dW, db), (dW_ref, db_ref) = manual.grads[l - 1], grads[l - 1]
-        assert rel(manual.delta[l - 1], delta[l - 1]) <= 1e-10, f"δ^({l})"
-        assert rel(dW, dW_ref) <= 1e-10, f"∂L/∂W^({l})"
-        assert rel(db, db_ref) <= 1e-10, f"∂L/∂b^({l})"
+        assert rel(manual.delta[l - 1], delta[l - 1]) <= 1e-8, f"δ^({l})"
+        assert rel(dW, dW_ref) <= 1e-8, f"∂L/∂W^({l})"
+        assert rel(db, db_ref) <= 1e-8, f"∂L/∂b^({l})"
 
 
 def test_forward_matches_the_model():
