@@ -175,6 +175,8 @@ STUDIES = {
     "he_init": 8,
     "lr_search": 20,
     "seeds_at_scale": 576,
+    "isometry": 36,
+    "edge_of_stability": 4,
 }
 
 
