@@ -43,7 +43,7 @@ from bpexp.config import (
 )
 from bpexp.console import job_line, progress_fields, summary
 from bpexp.data import Dataset, make_data
-from bpexp.lifecycle import sigterm_as_interrupt
+from bpexp.lifecycle import kill_reason, sigterm_as_interrupt
 from bpexp.model import MLP, build_mlp, first_nonfinite_layer
 from bpexp.names import STATUS, Diagnosis, Metric, Outcome, Quantity, Tag, diagnosis_change, is_experiment
 from bpexp.optim import build_optimizer, clip_gradients
@@ -202,8 +202,9 @@ def recorded(
             result.loop_seconds = result.loop_seconds or time.perf_counter() - loop_start
             ended = result.outcome == Outcome.diverged
             result.diagnosis = Diagnosis.diverged if ended else diagnose(result.metrics)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             result.outcome = Outcome.killed
+            tracker.set_tags({Tag.killed_by: kill_reason(interrupt)})
             raise
         except Exception:
             result.outcome = Outcome.failed

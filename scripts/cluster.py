@@ -6,8 +6,7 @@
 Everything lives in one temporary folder and stops on Ctrl-C or SIGTERM, each service by its own PID:
 - munged with a key made on the spot (its own socket: the system's munge, if any, is left alone);
 - slurmctld and slurmd for one node (this host, at 127.0.0.1) with a `cpu` partition: no cgroups
-  (ProctrackType=proctrack/linuxproc, TaskPlugin=task/none), state, spool and logs in the folder, and
-  KillWait=5 so that scancel and a time limit end a job within seconds;
+  (ProctrackType=proctrack/linuxproc, TaskPlugin=task/none), state, spool and logs in the folder;
 - `sacct` for submitit: it asks sacct whether a job ended, and sacct needs slurmdbd and a database.
   The folder's bin/sacct answers sacct's three columns (JobID|State|NodeList) from `scontrol show job`,
   what the controller itself holds (finished jobs for MinJobAge, an hour here);
@@ -39,7 +38,9 @@ PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin"))  # Debian keeps initd
 SLURM_DAEMONS = ("munged", "slurmctld", "slurmd")
 SLURM_CLIENTS = ("sbatch", "scontrol", "scancel", "squeue", "sinfo")
 CPUS = 8  # the node's declared cores: jobs of 1 core each, 8 at once whatever the machine has
-KILL_WAIT = 5  # seconds between SIGTERM and SIGKILL (scancel, time limit): enough to close a run
+# Seconds between SIGTERM and SIGKILL (scancel, a time limit), SLURM's default: a job ends as soon as
+# its run is closed; 5 s was too short for that on 2 busy cores (figures, the writer's drain).
+KILL_WAIT = 30
 
 SACCT = r"""#!/bin/sh
 # sacct for a cluster without slurmdbd: JobID|State|NodeList from the controller (scontrol show job).
