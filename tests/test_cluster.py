@@ -121,9 +121,7 @@ def time_limited(cluster, tmp_path_factory) -> Iterator[tuple[subprocess.Popen, 
         "train.steps=100000000",
         "probes.every=50",
         "hydra.launcher.timeout_min=1",
-        # SIGUSR2 once less than 30 s are left: 30-60 s after the start (the controller checks time
-        # limits every 30 s), so after the run has started even on a busy machine
-        "hydra.launcher.signal_delay_s=30",
+        "hydra.launcher.signal_delay_s=30",  # SLURM may send it up to a minute early: at any time here
         "tracking.experiment=timeout",
         "tracking.timeout=120",  # it also lives through the server's restart in the first test
     )
@@ -209,5 +207,7 @@ def test_job_past_its_time_limit_ends_killed_with_the_reason(cluster, time_limit
         err[-3000:],
     )
     job = run.data.tags[Tag.slurm_job]
-    assert run.data.tags[Tag.killed_by].startswith(f"SLURM job {job}: time limit near"), run.data.tags
+    # SIGUSR2 before the limit (inside the run), or SIGTERM at it: the run ends KILLED either way
+    reason = run.data.tags[Tag.killed_by]
+    assert re.match(rf"SLURM job {job}(: time limit near| TIMEOUT)", reason), reason
     assert f"SLURM job {job.split('_')[0]}" in err and "without a result" in err, err[-3000:]

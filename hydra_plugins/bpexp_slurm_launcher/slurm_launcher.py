@@ -14,6 +14,7 @@ at most, and learns of a cancelled job only then.
 
 # No `from __future__ import annotations`: Hydra imports plugins outside sys.modules, where dataclasses
 # cannot resolve string annotations.
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -47,8 +48,11 @@ class BpexpSlurmLauncher(SlurmLauncher):
 
     def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
         """In the job: SIGTERM (scancel) stops it also before and after its run, where submitit would
-        ignore it and SLURM would SIGKILL the job KillWait later."""
+        ignore it and SLURM would SIGKILL the job KillWait later. SIGUSR2 (time limit near, which SLURM
+        may send up to a minute early) matters only inside the run, which then ends KILLED; outside it
+        there is nothing to close, and submitit's handler would raise wherever the job happens to be."""
         with sigterm_as_interrupt():
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
             return super().__call__(*args, **kwargs)
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
