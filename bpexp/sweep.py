@@ -410,7 +410,7 @@ class LauncherWatch:
 
 
 def lost_line(run: Any) -> str:
-    """`#2 seed=2: killed (SLURM job 7_2 CANCELLED (SIGTERM))`: which job, and why, in one line."""
+    """`#2 seed=2: killed (SLURM job 7_2: SIGTERM …)`: which job, and why, in one line."""
     tags = run.data.tags
     varied = (run.info.run_name or "").split(" · ")[0]
     why = (tags.get(Tag.killed_by) or tags.get(Tag.error) or run.info.status).splitlines()[0][:200]

@@ -93,6 +93,8 @@ class BpexpSlurmLauncher(SlurmLauncher):
 
 
 class Read:
+    """What Hydra's launch reads in place of a job: the jobs' own returns are read after it, each once."""
+
     def results(self) -> list[None]:
         return [None]
 
