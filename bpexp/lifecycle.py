@@ -27,6 +27,8 @@ def sigterm_as_interrupt(on_signal: Callable[[], None] | None = None) -> Iterato
         return
 
     def interrupt(signum: int, frame: object) -> None:
+        for each in signals:  # once: SLURM may signal twice (srun and slurmstepd), and a second
+            signal.signal(each, signal.SIG_IGN)  # interrupt would cut the run's closing short
         if on_signal is not None:
             on_signal()
         raise KeyboardInterrupt(f"signal {signum}")

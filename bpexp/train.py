@@ -276,6 +276,11 @@ def finish(cfg: Config, run: Run, figure: bool = True) -> None:
             result.outcome = Outcome.failed
             tracker.set_tags({Tag.outcome: Outcome.failed, Tag.error: f"{type(err).__name__}: {err}"})
         raise
+    except KeyboardInterrupt as interrupt:  # SIGTERM (scancel) while the artifacts were being written
+        if result.outcome in (Outcome.completed, Outcome.diverged):
+            result.outcome = Outcome.killed
+            tracker.set_tags({Tag.outcome: Outcome.killed, Tag.killed_by: kill_reason(interrupt)})
+        raise
     finally:
         tracker.end(STATUS[result.outcome])
 

@@ -163,7 +163,7 @@ def test_sweep_through_slurm_into_postgresql_survives_a_server_restart(cluster, 
 
 
 def test_scancel_kills_one_run_the_others_finish_and_resume_reruns_it(cluster, time_limited, tmp_path):
-    args = ["seed=0,1,2", "train.steps=2000", "tracking.experiment=scancel"]
+    args = ["seed=0,1,2", "train.steps=5000", "tracking.experiment=scancel"]  # scancel lands in training
     launcher = sweep(cluster, tmp_path, *args)
     victim = wait_running(cluster, "scancel", "2")
     job = victim.data.tags[Tag.slurm_job]
