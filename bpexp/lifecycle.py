@@ -2,12 +2,16 @@
 
 scancel, kill and a launcher's shutdown send SIGTERM; unwinding it as a KeyboardInterrupt lets the
 `finally` blocks close the run (KILLED) or the sweep, so nothing is left RUNNING in the store.
+Inside a SLURM job SIGUSR2 unwinds the same way: submitit asks SLURM for it `signal_delay_s` before the
+job's time limit (sbatch --signal=USR2@…), so the run ends KILLED while there is time to write it.
+`kill_reason` says which of these stopped a run, asking SLURM what it did to the job.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,15 +27,57 @@ def sigterm_as_interrupt(on_signal: Callable[[], None] | None = None) -> Iterato
         return
 
     def interrupt(signum: int, frame: object) -> None:
+        for each in signals:  # once: SLURM may signal twice (srun and slurmstepd), and a second
+            signal.signal(each, signal.SIG_IGN)  # interrupt would cut the run's closing short
         if on_signal is not None:
             on_signal()
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    signals = [signal.SIGTERM, signal.SIGUSR2] if slurm_job() else [signal.SIGTERM]
+    previous = {signum: signal.signal(signum, interrupt) for signum in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def slurm_job() -> str | None:
+    """This process's SLURM job as squeue and scancel name it (`12_3`: task 3 of array 12), or None."""
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def kill_reason(interrupt: KeyboardInterrupt) -> str:
+    """What stopped a run: `Ctrl-C`, `SIGTERM`, or in a SLURM job what SLURM says it did
+    (`SLURM job 12_3 TIMEOUT (SIGTERM)`, `SLURM job 12_3: time limit near (SIGUSR2; …)`)."""
+    text = str(interrupt)
+    if not text.startswith("signal "):
+        return "Ctrl-C"
+    signum = signal.Signals(int(text.split()[1]))
+    job = slurm_job()
+    if job is None:
+        return signum.name
+    if signum == signal.SIGUSR2:
+        return f"SLURM job {job}: time limit near ({signum.name}; hydra.launcher.timeout_min, signal_delay_s)"
+    state = slurm_state(os.environ["SLURM_JOB_ID"])
+    if state and not state.startswith(("RUNNING", "COMPLETING")):
+        return f"SLURM job {job} {state} ({signum.name})"
+    # scancel signals the job before the controller marks it CANCELLED: the launcher says which it was
+    return f"SLURM job {job}: {signum.name} (scancel, preemption or its time limit)"
+
+
+def slurm_state(job_id: str) -> str | None:
+    """`TIMEOUT`, `CANCELLED`, `RUNNING` … as the controller holds it (with its reason if it gives one)."""
+    try:
+        done = subprocess.run(
+            ["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    fields = dict(f.split("=", 1) for f in done.stdout.split() if "=" in f)
+    state, reason = fields.get("JobState"), fields.get("Reason", "None")
+    return f"{state}, {reason}" if state and reason != "None" else state
 
 
 def process_alive(pid: int, started_by_ms: int | None = None) -> bool:

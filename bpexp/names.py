@@ -159,7 +159,8 @@ class Tag(StrEnum):
     diverged_step = "bpexp.diverged_step"
     diverged_layer = "bpexp.diverged_layer"
     error = "bpexp.error"  # why a run failed: its exception, a lost store, a writer that died
-    killed_by = "bpexp.killed_by"  # a run its trainer left without closing it (SIGKILL, OOM, a crash)
+    killed_by = "bpexp.killed_by"  # what stopped a KILLED run: Ctrl-C, SIGTERM, SLURM (scancel, time
+    # limit), or a trainer that left it without closing it (SIGKILL, OOM, a crash)
     sweep = "bpexp.sweep"  # the sweep id, on the parent and every child
     sweep_key = "bpexp.sweep_key"  # what makes two launches the same sweep (resume)
     role = "bpexp.role"  # "sweep" on a sweep's parent run
@@ -168,6 +169,7 @@ class Tag(StrEnum):
     launched_at = "bpexp.launched_at"  # launcher died can be closed (a reused pid started later)
     job = "bpexp.job"
     job_dir = "bpexp.job_dir"
+    slurm_job = "bpexp.slurm_job"  # the SLURM job a sweep's job ran as (`12_3`: squeue, scancel, sacct)
     summary = "bpexp.summary"
     population = "bpexp.population"  # the id shared by the members trained together (hydra/launcher=batched)
     population_size = "bpexp.population_size"

@@ -36,12 +36,12 @@ The last probe's per-layer values are held back by the writer and written when t
 they survive a killed trainer too.
 
 Ends. SIGTERM or Ctrl-C of the trainer: train.py unwinds, the trainer sends `end KILLED`, the writer
-writes everything it was handed and closes the run (the writer ignores SIGINT and SIGTERM: a Ctrl-C
-reaches the whole process group, and the trainer decides how the run ends). SIGKILL of the trainer
-(or any death without `end`): the writer reads end-of-file, writes what it had, tags
-`bpexp.killed_by` and ends the run KILLED. A writer that dies: the trainer sees it at the next
-hand-over (`RecorderDied`, with the writer's own error when it left one), and closes the run FAILED
-through MLflow's API itself, with the message in the tag `bpexp.error`.
+writes everything it was handed and closes the run (the writer ignores SIGINT, SIGTERM and SIGUSR2: a
+Ctrl-C, scancel or SLURM's time-limit warning reaches every process of the job, and the trainer decides
+how the run ends). SIGKILL of the trainer (or any death without `end`): the writer reads end-of-file,
+writes what it had, tags `bpexp.killed_by` and ends the run KILLED. A writer that dies: the trainer sees
+it at the next hand-over (`RecorderDied`, with the writer's own error when it left one), and closes the
+run FAILED through MLflow's API itself, with the message in the tag `bpexp.error`.
 """
 
 from __future__ import annotations
@@ -444,6 +444,7 @@ def main() -> int:
     """`python -m bpexp.recorder PARENT_PID`: messages on stdin, answers on the real stdout."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides how the run ends
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # SLURM's "time limit near" reaches the whole job
     outbox = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything MLflow prints goes to stderr, never into the answers
     return serve(sys.stdin.buffer, outbox, int(sys.argv[1]))

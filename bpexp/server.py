@@ -7,7 +7,8 @@
 
 SQLite is the default backend; for PostgreSQL give its SQLAlchemy URI with --store (the driver is
 `pip install "psycopg[binary]"`, URI scheme postgresql+psycopg://). Artifacts are served by the server
-itself (--artifacts-destination), so clients need no access to its disk.
+itself (--artifacts-destination), so clients need no access to its disk. On PostgreSQL each worker keeps
+up to 40 connections (PostgreSQL's default max_connections, 100, holds two workers).
 
 Starting fast: `--workers 1` and MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false bring the start from ~60 s to
 ~10 s on a small machine (the default starts 4 workers and a job runner). The script waits for /health,
@@ -28,6 +29,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+
+DB_CONNECTIONS = 40  # per worker: as many as the threads a worker answers requests with (anyio's 40)
 
 
 def server_command(
@@ -101,6 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     local = f"http://{'127.0.0.1' if everywhere else args.host}:{args.port}"  # where we poll /health
     uri = f"http://{socket.gethostname() if everywhere else args.host}:{args.port}"  # what jobs use
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if not store.startswith("sqlite"):
+        # SQLAlchemy's default pool (5 + 10 overflow) makes the 16th of 16 writers at once wait, and on a
+        # busy machine fail after 30 s ("QueuePool limit … reached"): one connection per request thread.
+        env.setdefault("MLFLOW_SQLALCHEMYSTORE_POOL_SIZE", str(DB_CONNECTIONS))
+        env.setdefault("MLFLOW_SQLALCHEMYSTORE_MAX_OVERFLOW", "0")
     env.pop("MLFLOW_TRACKING_URI", None)
     command = server_command(args.port, store, folder / "artifacts", args.workers, args.host)
     # Its own process group, so that stopping it stops its uvicorn/gunicorn workers too.

@@ -54,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from bpexp.config import ConfigError, TrackingBackend, TrackingConfig, config_hash, flatten
 from bpexp.console import outcomes_text, sweep_line
-from bpexp.lifecycle import process_alive, sigterm_as_interrupt
+from bpexp.lifecycle import process_alive, sigterm_as_interrupt, slurm_job
 from bpexp.names import OUTCOMES, SWEEP_ROLE, Outcome, Tag, diagnosis_change
 from bpexp.store import close_abandoned_sweeps, default_tracking_uri, latest_runs, quote, search_all
 from bpexp.tracking import SWEEP_ENV, Tracker, check_reachable, resolve_uri
@@ -88,6 +88,7 @@ class SweepCallback(Callback):
         self.launched_ms = 0  # this launch's start: a resumed sweep also has children from earlier ones
         self.hooks: ExitStack | None = None
         self.job_started_ms = 0
+        self.lost: list[str] = []  # one line per job that failed or was killed, for the last words
 
     def __getstate__(self) -> dict[str, Any]:
         return {"state": self.state}  # never the client, hooks or handlers of the launching process
@@ -222,6 +223,8 @@ class SweepCallback(Callback):
         elif failed:
             jobs = sum(counts.values())
             print(f"bpexp: sweep {self.state.sweep_id}: {failed} of {jobs} jobs failed", file=sys.stderr)
+            for line in self.lost:
+                print(f"  {line}", file=sys.stderr)
         return failed
 
     def end(self, completed: bool) -> Counter[str]:
@@ -239,6 +242,7 @@ class SweepCallback(Callback):
         children = self.children()
         latest = latest_runs(children)  # a resumed sweep's job has a run per launch: the last one counts
         counts = Counter(run.data.tags.get(Tag.outcome, Outcome.failed) for run in latest)
+        self.lost = [lost_line(run) for run in latest if run.info.status in ("FAILED", "KILLED")]
         metrics = {f"sweep/{outcome}": float(counts.get(outcome, 0)) for outcome in OUTCOMES}
         metrics["sweep/jobs"] = float(len(latest))
         launched = [r for r in latest if r.info.start_time >= self.launched_ms]
@@ -288,7 +292,10 @@ class SweepCallback(Callback):
         if self.state is None:  # not a tracked sweep (a single run, or tracking=none)
             return
         reset_process(self.state.mlflow_env, int(config.seed), int(config.train.threads))
-        if os.getpid() != self.state.launcher_pid:  # joblib, submitit_local: the job has its own process
+        job = slurm_job()
+        # joblib, submitit_local: the job has its own process, and stops when its launcher dies. Not a
+        # SLURM job: it outlives its launcher by design, on a host where the launcher's pid means nothing.
+        if os.getpid() != self.state.launcher_pid and job is None:
             LauncherWatch.start(self.state.launcher_pid)
         link = {
             "uri": self.state.uri,
@@ -299,6 +306,7 @@ class SweepCallback(Callback):
                 Tag.sweep: self.state.sweep_id,
                 Tag.job: str(config.hydra.job.num),
                 Tag.job_dir: str(config.hydra.runtime.output_dir),
+                **({Tag.slurm_job: job} if job else {}),
             },
         }
         os.environ[SWEEP_ENV] = json.dumps(link)
@@ -399,6 +407,14 @@ class LauncherWatch:
                 return True
             frame = frame.f_back
         return False
+
+
+def lost_line(run: Any) -> str:
+    """`#2 seed=2: killed (SLURM job 7_2: SIGTERM …)`: which job, and why, in one line."""
+    tags = run.data.tags
+    varied = (run.info.run_name or "").split(" · ")[0]
+    why = (tags.get(Tag.killed_by) or tags.get(Tag.error) or run.info.status).splitlines()[0][:200]
+    return f"#{tags.get(Tag.job, '?')} {varied}: {tags.get(Tag.outcome, Outcome.failed)} ({why})"
 
 
 def sweep_axes(config: DictConfig, overrides: list[str]) -> dict[str, Any] | None:

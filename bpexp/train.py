@@ -43,7 +43,7 @@ from bpexp.config import (
 )
 from bpexp.console import job_line, progress_fields, summary
 from bpexp.data import Dataset, make_data
-from bpexp.lifecycle import sigterm_as_interrupt
+from bpexp.lifecycle import kill_reason, sigterm_as_interrupt
 from bpexp.model import MLP, build_mlp, first_nonfinite_layer
 from bpexp.names import STATUS, Diagnosis, Metric, Outcome, Quantity, Tag, diagnosis_change, is_experiment
 from bpexp.optim import build_optimizer, clip_gradients
@@ -231,8 +231,9 @@ def recorded(
             result.loop_seconds = result.loop_seconds or time.perf_counter() - loop_start
             ended = result.outcome == Outcome.diverged
             result.diagnosis = Diagnosis.diverged if ended else diagnose(result.metrics)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as interrupt:
             result.outcome = Outcome.killed
+            tracker.set_tags({Tag.killed_by: kill_reason(interrupt)})
             raise
         except Exception:
             result.outcome = Outcome.failed
@@ -341,6 +342,11 @@ def finish(cfg: Config, run: Run, figure: bool = True) -> None:
         if result.outcome in (Outcome.completed, Outcome.diverged):
             result.outcome = Outcome.failed
             tracker.set_tags({Tag.outcome: Outcome.failed, Tag.error: f"{type(err).__name__}: {err}"})
+        raise
+    except KeyboardInterrupt as interrupt:  # SIGTERM (scancel) while the artifacts were being written
+        if result.outcome in (Outcome.completed, Outcome.diverged):
+            result.outcome = Outcome.killed
+            tracker.set_tags({Tag.outcome: Outcome.killed, Tag.killed_by: kill_reason(interrupt)})
         raise
     finally:
         tracker.end(STATUS[result.outcome])

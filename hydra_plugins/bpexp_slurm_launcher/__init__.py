@@ -1,0 +1,1 @@
+"""hydra/launcher=slurm: Hydra's submitit SLURM launcher, waiting for every job before it reads any result."""
