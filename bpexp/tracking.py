@@ -289,6 +289,8 @@ class Tracker(NullTracker):
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         from mlflow.entities import Param
 
+        if self.run_id is not None:  # created already: a population's member, before its population trained
+            return
         tags = {**tags, **self.tags}  # the run's own first: the UI lists tags in creation order
         if self.parent_run_id:
             tags[Tag.parent] = self.parent_run_id
@@ -372,16 +374,21 @@ def artifact_location(root: Path, experiment: str) -> str:
 
 
 def make_tracker(
-    cfg: TrackingConfig, launch_dir: Path, parent_run_id: str | None = None, writer: bool = True
+    cfg: TrackingConfig,
+    launch_dir: Path,
+    parent_run_id: str | None = None,
+    writer: bool = True,
+    link: dict[str, Any] | None = None,
 ) -> NullTracker:
     """The run's tracker, inside a sweep in the sweep's store and experiment, under its parent run.
     `writer`: a training run records through its own writer process (bpexp/recorder.py); a run whose
-    values already exist (a population's member) is written from this process."""
+    values already exist (a population's member) is written from this process. `link`: the sweep's,
+    given before its job starts (else $BPEXP_SWEEP's)."""
     from bpexp.recorder import RecordingTracker
 
     if cfg.backend == TrackingBackend.none:
         return NullTracker()
-    link = sweep_link()
+    link = link or sweep_link()
     if link is not None:
         uri, experiment, tags = link["uri"], link["experiment"], link["tags"]
         parent_run_id = parent_run_id or link["parent_run_id"]
