@@ -76,7 +76,8 @@ class BatchedLauncher(Launcher):
         job = self.composed.pop(tuple(overrides), None)
         if job is None:
             assert self.config is not None and self.hydra_context is not None
-            job = self.job_config(overrides)
+            load = self.hydra_context.config_loader.load_sweep_config
+            job = load.__wrapped__(self.config, list(overrides))  # not remembered: taken at once
         return job
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
