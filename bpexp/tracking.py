@@ -200,6 +200,7 @@ class Tracker(NullTracker):
         self.buffer: list[Any] = []
         self.last_flush = time.monotonic()
         self.skipped = 0  # non-finite values kept out of MLflow (they break its run pages)
+        self.known_experiment_id: str | None = None
         self.close_unclosed()
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -269,6 +270,12 @@ class Tracker(NullTracker):
         return f"{base}/#/experiments/{self.experiment_id()}/runs/{self.run_id}?workflowType=machine_learning"
 
     def experiment_id(self) -> str:
+        """The experiment's id, looked up once per run (a population's members ask M times)."""
+        if self.known_experiment_id is None:
+            self.known_experiment_id = self.find_or_create_experiment()
+        return self.known_experiment_id
+
+    def find_or_create_experiment(self) -> str:
         """Get or create the experiment (a concurrent creator may win the race: then read its id)."""
         from mlflow.exceptions import MlflowException
 
