@@ -120,6 +120,7 @@ def end_killed(job: Job, member: Member, tracker: NullTracker) -> None:
 
 
 def write_history(cfg: Config, tracker: NullTracker, dynamics: Dynamics) -> None:
+    """The member's probes into its run as the writer would have sent them (none for tracking=none)."""
     if isinstance(tracker, Tracker):
         log_history(tracker, dynamics.records, cfg.tracking.history.value, cfg.tracking.history_every)
 
