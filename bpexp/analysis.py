@@ -277,8 +277,8 @@ def rank_configs(
 
     Columns: rank, config (a label), the `by` columns (default: config_columns), n_runs, completed and
     diverged (counts), diagnosis ('vanishing → healthy ×2, healthy ×1': at init → at the end, most
-    common first), the median
-    delta_log10_ratio_init, the median, mean and CI of final_val_loss, the median best_val_loss.
+    common first), the median, mean and CI of delta_log10_ratio_init and of final_val_loss, the
+    median best_val_loss.
     """
     by = list(config_columns(summary) if by is None else by)
     table = aggregate(summary, by, RANK_VALUES, ci=ci, n_boot=n_boot)
@@ -309,6 +309,9 @@ def rank_configs(
         "diverged",
         "diagnosis",
         "delta_log10_ratio_init_median",
+        "delta_log10_ratio_init_mean",
+        "delta_log10_ratio_init_lo",
+        "delta_log10_ratio_init_hi",
         "final_val_loss_median",
         "final_val_loss_mean",
         "final_val_loss_lo",

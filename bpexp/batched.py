@@ -5,6 +5,10 @@ this module joins them to the store. A member's run carries the params, tags, me
 a lone run (config.yaml, dynamics.parquet), plus `bpexp.population` and `bpexp.population_size`. Its
 gradient-profile figure is not drawn: at ~0.2 s a figure, M figures would cost more than training the
 population; `python -m bpexp.report` draws a sweep's profiles from the dynamics.
+
+A member's run is created, RUNNING, before its population trains, as a lone run is before its loop: a
+SIGTERM during training ends every member KILLED with the probes it had, and a population that raises
+ends each member FAILED with the traceback; the job then fails, and the sweep exits 1.
 """
 
 from __future__ import annotations
@@ -21,28 +25,40 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from bpexp.config import Config, Device, to_config
 from bpexp.console import job_line, summary
-from bpexp.names import Tag, is_experiment
-from bpexp.population import group_key, train_population
+from bpexp.names import Outcome, Tag
+from bpexp.population import Member, Population, group_key
 from bpexp.probes import Dynamics
 from bpexp.recorder import log_history
 from bpexp.result import RunResult
+from bpexp.sweep import launching_link
 from bpexp.theory import Prediction
-from bpexp.tracking import make_tracker, sweep_link
-from bpexp.train import Run, recorded, resumed, run_name
+from bpexp.tracking import NullTracker, Tracker, make_tracker, sweep_link
+from bpexp.train import Run, finish, name_in_sweep, recorded, resumed, run_name, run_start
 
 log = logging.getLogger("bpexp.batched")
+
+
+@dataclass
+class Job:
+    """A sweep's job as the launcher hands it over: its number, typed config, folder and overrides."""
+
+    num: int
+    cfg: Config
+    out_dir: Path
+    overrides: list[str]
 
 
 @dataclass
 class Trained:
     """One member's outcome of population training, waiting to be recorded as its job's run."""
 
-    cfg: Config  # as trained (hydra.launcher.device applied)
+    cfg: Config  # as trained (hydra.launcher.device applied, the run named as in a sweep)
     result: RunResult
     dynamics: Dynamics
     prediction: Prediction | None  # theory.py's, logged as a lone run logs it
-    population: str
-    size: int
+    tracker: NullTracker  # the run, created before training
+    tags: dict[str, str]  # bpexp.population, bpexp.population_size
+    error: Exception | None = None  # the population raised: the run ends FAILED with its traceback
 
 
 def populations(cfgs: dict[int, Config], max_members: int) -> list[list[int]]:
@@ -53,26 +69,60 @@ def populations(cfgs: dict[int, Config], max_members: int) -> list[list[int]]:
     return [ids[i : i + max_members] for ids in groups.values() for i in range(0, len(ids), max_members)]
 
 
-def train_jobs(
-    cfgs: dict[int, Config], max_members: int, device: str = "auto"
-) -> dict[int, Trained | Exception]:
-    """Train every job as a member of its population; a population that raises fails its members only."""
-    outcomes: dict[int, Trained | Exception] = {}
-    for ids in populations(cfgs, max_members):
-        members = [cfgs[i] for i in ids]
+def train_jobs(jobs: list[Job], launch_dir: Path, device: str = "auto") -> dict[int, Trained | Exception]:
+    """Train one population's jobs; their runs exist from before training to the end, whatever happens.
+    An exception before the runs exist is each job's to raise (bpexp.sweep records it FAILED)."""
+    tags = {Tag.population: f"{jobs[0].num}-{secrets.token_hex(3)}", Tag.population_size: str(len(jobs))}
+    for job in jobs:
+        name_in_sweep(job.cfg, job.overrides)
         if device != "auto":
-            for cfg in members:
-                cfg.device = Device(device)
-        population = f"{ids[0]}-{secrets.token_hex(3)}"
-        try:
-            trained = train_population(members)
-        except Exception as err:  # recorded per job as FAILED, with this traceback
-            for i in ids:
-                outcomes[i] = err
-            continue
-        for i, (result, dynamics, prediction) in zip(ids, trained, strict=True):
-            outcomes[i] = Trained(cfgs[i], result, dynamics, prediction, population, len(ids))
-    return outcomes
+            job.cfg.device = Device(device)
+    try:
+        population = Population([job.cfg for job in jobs])
+        trackers = [
+            open_run(job, member.prediction, launch_dir, tags)
+            for job, member in zip(jobs, population.members, strict=True)
+        ]
+    except Exception as err:
+        return {job.num: err for job in jobs}
+    error = None
+    try:
+        population.train()
+    except KeyboardInterrupt:  # SIGTERM (bpexp.sweep's hooks) or Ctrl-C: every member KILLED, then unwind
+        for job, member, tracker in zip(jobs, population.members, trackers, strict=True):
+            end_killed(job, member, tracker)
+        raise
+    except Exception as err:  # recorded per member as FAILED, with this traceback
+        error = err
+    return {
+        job.num: Trained(job.cfg, member.result, member.dynamics, member.prediction, tracker, tags, error)
+        for job, member, tracker in zip(jobs, population.members, trackers, strict=True)
+    }
+
+
+def open_run(job: Job, prediction: Prediction | None, launch_dir: Path, tags: dict[str, str]) -> NullTracker:
+    """The member's run, created as a lone run creates it (train.run_start), in its sweep as its job."""
+    link = launching_link(job.num, str(job.out_dir))
+    tracker = make_tracker(job.cfg.tracking, launch_dir, writer=False, link=link)
+    tracker.start(*run_start(job.cfg, run_name(job.cfg), prediction, tags))
+    return tracker
+
+
+def end_killed(job: Job, member: Member, tracker: NullTracker) -> None:
+    """A member interrupted mid-training: its probes so far, its tags and config, KILLED (as a lone run)."""
+    try:
+        member.result.outcome, member.result.out_dir = Outcome.killed, job.out_dir
+        job.out_dir.mkdir(parents=True, exist_ok=True)
+        write_history(job.cfg, tracker, member.dynamics)
+        finish(job.cfg, Run(tracker, member.result, dynamics=member.dynamics), figure=False)
+    except Exception as err:  # the sweep's end closes what is left RUNNING as KILLED
+        log.warning("member %s of a killed population not closed: %s", job.num, err)
+
+
+def write_history(cfg: Config, tracker: NullTracker, dynamics: Dynamics) -> None:
+    """The member's probes into its run as the writer would have sent them (none for tracking=none)."""
+    if isinstance(tracker, Tracker):
+        log_history(tracker, dynamics.records, cfg.tracking.history.value, cfg.tracking.history_every)
 
 
 def prepare(job: DictConfig, launch_dir: Path) -> Config | None:
@@ -100,29 +150,24 @@ def job_task(trained: Trained | Exception) -> Callable[[DictConfig], float]:
         if isinstance(trained, Exception):
             raise trained
         hydra_cfg = HydraConfig.get()
-        cfg, overrides = trained.cfg, list(hydra_cfg.overrides.task)
-        if cfg.tracking.run_name is None:  # as train.main names a sweep's runs
-            varied = " ".join(o for o in overrides if is_experiment(o))
-            cfg.tracking.run_name = f"{varied} · {run_name(cfg)}"[:250] if varied else None
-            trained.result.name = run_name(cfg)
-        launch_dir, out_dir = Path(hydra_cfg.runtime.cwd), Path(hydra_cfg.runtime.output_dir)
-        result = record(cfg, trained, launch_dir, out_dir)
+        out_dir = Path(hydra_cfg.runtime.output_dir)
+        result = record(trained, out_dir)
         log.debug(summary(result))  # hydra.verbose=bpexp
         jobs = (sweep_link() or {}).get("jobs")
-        print(job_line(result, hydra_cfg.job.num, overrides, jobs), flush=True)
+        print(job_line(result, hydra_cfg.job.num, list(hydra_cfg.overrides.task), jobs), flush=True)
         return result.objective
 
     return task
 
 
-def record(cfg: Config, trained: Trained, launch_dir: Path, out_dir: Path) -> RunResult:
-    """The member's run, through the lone run's lifecycle (train.recorded): created, filled with its
-    probes in one bulk write, tagged and ended; written from this process, its values exist already."""
+def record(trained: Trained, out_dir: Path) -> RunResult:
+    """The member's run, through the lone run's lifecycle (train.recorded): filled with its probes in
+    one bulk write, tagged and ended; written from this process, its values exist already."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    tracker = make_tracker(cfg.tracking, launch_dir, writer=False)
-    tags = {Tag.population: trained.population, Tag.population_size: str(trained.size)}
+    cfg, tracker = trained.cfg, trained.tracker
     run = Run(tracker, trained.result, dynamics=trained.dynamics)
-    with recorded(cfg, tracker, out_dir, trained.prediction, run, tags):
-        history = cfg.tracking.history.value
-        log_history(tracker, trained.dynamics.records, history, cfg.tracking.history_every)
+    with recorded(cfg, tracker, out_dir, trained.prediction, run, trained.tags):
+        write_history(cfg, tracker, trained.dynamics)
+        if trained.error is not None:
+            raise trained.error
     return run.result

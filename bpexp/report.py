@@ -426,9 +426,10 @@ def markdown(report: Report, sources: dict[str, int]) -> str:
         "",
         "## Configs ranked by outcome",
         "",
-        "Fewest diverged runs first, then lowest median final validation loss. δ ratio = median "
+        "Fewest diverged runs first, then lowest median final validation loss. δ ratio = "
         "log10(‖δ^(1)‖/‖δ^(L)‖) at initialization (< −2: the error signal vanishes by > 100× toward "
-        "the input; > 2: it explodes). Final loss: over runs that completed, mean [95% bootstrap CI].",
+        "the input; > 2: it explodes). Final loss: over runs that completed. Both: mean over seeds "
+        "[95% bootstrap CI].",
         "",
         markdown_table(configs_for_markdown(report.configs)),
         "",
@@ -489,6 +490,14 @@ def markdown(report: Report, sources: dict[str, int]) -> str:
 
 
 def configs_for_markdown(configs: pd.DataFrame) -> pd.DataFrame:
+    def with_ci(value: str, spec: str = ".4g") -> list[str]:
+        """`mean [lo, hi]`: the mean over seeds and its 95% bootstrap CI (just the value for one seed)."""
+        columns = (configs[f"{value}_{part}"] for part in ("mean", "lo", "hi"))
+        return [
+            f"{fmt(m, spec)} [{fmt(lo, spec)}, {fmt(hi, spec)}]" if not math.isnan(lo) else fmt(m, spec)
+            for m, lo, hi in zip(*columns, strict=True)
+        ]
+
     out = pd.DataFrame(
         {
             "rank": configs["rank"],
@@ -497,16 +506,8 @@ def configs_for_markdown(configs: pd.DataFrame) -> pd.DataFrame:
             "completed": configs["completed"],
             "diverged": configs["diverged"],
             "diagnosis": configs["diagnosis"],
-            "δ ratio at init": configs["delta_log10_ratio_init_median"].map(lambda v: fmt(v, "+.2f")),
-            "final val loss": [
-                f"{fmt(m)} [{fmt(lo)}, {fmt(hi)}]" if not math.isnan(lo) else fmt(m)
-                for m, lo, hi in zip(
-                    configs["final_val_loss_mean"],
-                    configs["final_val_loss_lo"],
-                    configs["final_val_loss_hi"],
-                    strict=True,
-                )
-            ],
+            "δ ratio at init": with_ci("delta_log10_ratio_init", "+.2f"),
+            "final val loss": with_ci("final_val_loss"),
             "best val loss (median)": configs["best_val_loss_median"].map(fmt),
         }
     )

@@ -77,9 +77,12 @@ class SweepState:
     mlflow_env: dict[str, str] = field(default_factory=dict)  # MLFLOW_* in the launching process
     jobs: int | None = None  # how many jobs the sweep launches, when known
     launcher_pid: int = 0  # the launching process: a job in another process stops when it dies
+    launched_ms: int = 0  # this launch's start (the launching process's clock)
 
 
 class SweepCallback(Callback):
+    launching: SweepState | None = None  # the launching process's sweep, while it runs (launching_link)
+
     def __init__(self) -> None:
         self.state: SweepState | None = None
         self.tracker: Tracker | None = None  # launching process: the parent run
@@ -147,7 +150,9 @@ class SweepCallback(Callback):
             mlflow_env={k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")},
             jobs=count_jobs(config, overrides),
             launcher_pid=os.getpid(),
+            launched_ms=self.launched_ms,
         )
+        SweepCallback.launching = self.state
         self.install_hooks()
         log.debug("sweep %s: parent run %s in %s", sweep_id, self.tracker.run_id, uri)
 
@@ -233,6 +238,7 @@ class SweepCallback(Callback):
         if self.ended:
             return Counter()
         self.ended = True
+        SweepCallback.launching = None
         client = self.tracker.client
         lost = Outcome.killed if self.interrupted else Outcome.failed  # a process that died with its run open
         for run in self.children():
@@ -297,18 +303,9 @@ class SweepCallback(Callback):
         # SLURM job: it outlives its launcher by design, on a host where the launcher's pid means nothing.
         if os.getpid() != self.state.launcher_pid and job is None:
             LauncherWatch.start(self.state.launcher_pid)
-        link = {
-            "uri": self.state.uri,
-            "experiment": self.state.experiment,
-            "parent_run_id": self.state.parent_run_id,
-            "jobs": self.state.jobs,
-            "tags": {
-                Tag.sweep: self.state.sweep_id,
-                Tag.job: str(config.hydra.job.num),
-                Tag.job_dir: str(config.hydra.runtime.output_dir),
-                **({Tag.slurm_job: job} if job else {}),
-            },
-        }
+        link = job_link(self.state, int(config.hydra.job.num), str(config.hydra.runtime.output_dir))
+        if job:
+            link["tags"][Tag.slurm_job] = job
         os.environ[SWEEP_ENV] = json.dumps(link)
         self.job_started_ms = int(time.time() * 1000)
 
@@ -327,12 +324,15 @@ class SweepCallback(Callback):
         """A job that raised before train() created its run still leaves a FAILED child, with traceback."""
         tracker = Tracker(self.state.uri, self.state.experiment, self.state.parent_run_id)
         job_dir = str(config.hydra.runtime.output_dir)
+        # This launch's run of the job: one the batched launcher created before the job started counts
+        # (the launch's start, on the launching machine's clock, or the job's own if that is earlier).
+        started_ms = min(self.job_started_ms, self.state.launched_ms or self.job_started_ms)
         # By values that cannot hold a quote (a job number, a run id): MLflow's filter strings keep a
         # backslash-escaped quote as it is, so a folder named `it's` would match nothing.
         own = tracker.client.search_runs(
             [tracker.experiment_id()],
             f"tags.`{Tag.parent}` = '{self.state.parent_run_id}' and tags.`{Tag.job}` = "
-            f"'{int(config.hydra.job.num)}' and attributes.start_time >= {self.job_started_ms}",
+            f"'{int(config.hydra.job.num)}' and attributes.start_time >= {started_ms}",
             max_results=1,
         )
         if own:  # train() recorded it (FAILED, with traceback.txt)
@@ -417,6 +417,23 @@ def lost_line(run: Any) -> str:
     return f"#{tags.get(Tag.job, '?')} {varied}: {tags.get(Tag.outcome, Outcome.failed)} ({why})"
 
 
+def job_link(state: SweepState, job_num: int, output_dir: str) -> dict[str, Any]:
+    """What a job's run needs to join its sweep ($BPEXP_SWEEP, tracking.sweep_link)."""
+    return {
+        "uri": state.uri,
+        "experiment": state.experiment,
+        "parent_run_id": state.parent_run_id,
+        "jobs": state.jobs,
+        "tags": {Tag.sweep: state.sweep_id, Tag.job: str(job_num), Tag.job_dir: output_dir},
+    }
+
+
+def launching_link(job_num: int, output_dir: str) -> dict[str, Any] | None:
+    """In the launching process, before the job starts: the link on_job_start will give it (the batched
+    launcher creates a population's runs before training it). None outside a tracked sweep."""
+    return job_link(SweepCallback.launching, job_num, output_dir) if SweepCallback.launching else None
+
+
 def sweep_axes(config: DictConfig, overrides: list[str]) -> dict[str, Any] | None:
     """The sweep's axes by key (the command line wins over the sweeper's params); None when the parser
     rejects an override (that fails the sweep on its own)."""
@@ -432,23 +449,36 @@ def sweep_axes(config: DictConfig, overrides: list[str]) -> dict[str, Any] | Non
 
 def composes(config: DictConfig, overrides: list[str]) -> bool:
     """Whether every value of every axis composes (a value that cannot, `model.activation=relux`, fails
-    the whole sweep in Hydra before any job starts): each value once, the other axes at their first, so
-    a sweep of N axes costs the sum of their lengths, not their product."""
+    the whole sweep in Hydra before any job starts): the first job composed, then each value once, the
+    other axes at their first, so a sweep of N axes costs the sum of their lengths, not their product.
+    A value of a key that is not a config group is checked as Hydra applies it after composing (one
+    OmegaConf.update against the schema, ~1000× cheaper than a composition); a group's value composes."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     axes = sweep_axes(config, overrides)
     if "n_trials" in config.hydra.sweeper or not axes or not GlobalHydra.instance().is_initialized():
         return True  # a sampling sweeper draws its values later; nothing to check ahead
     fixed = [o for o in overrides if o.split("=", 1)[0] not in axes]
     first = {key: next(iter(axis.sweep_string_iterator())) for key, axis in axes.items()}
-    loader = GlobalHydra.instance().config_loader()
-    for key, axis in axes.items():
-        for value in axis.sweep_string_iterator():
-            job = [*fixed, *(f"{k}={value if k == key else v}" for k, v in first.items())]
-            try:
-                loader.load_sweep_config(master_config=config, sweep_overrides=job)
-            except Exception:
-                return False
+    loader, parser = GlobalHydra.instance().config_loader(), OverridesParser.create()
+
+    def job(key: str, value: str) -> list[str]:
+        return [*fixed, *(f"{k}={value if k == key else v}" for k, v in first.items())]
+
+    try:
+        composed = loader.load_sweep_config(master_config=config, sweep_overrides=job("", ""))
+        for key, axis in axes.items():
+            group = axis.is_add() or bool(loader.get_group_options(axis.key_or_group))
+            for value in list(axis.sweep_string_iterator())[1:]:
+                if group:
+                    loader.load_sweep_config(master_config=config, sweep_overrides=job(key, value))
+                else:
+                    value_override = parser.parse_overrides([f"{key}={value}"])
+                    ConfigLoaderImpl._apply_overrides_to_config(value_override, composed)
+    except Exception:
+        return False
     return True
 
 

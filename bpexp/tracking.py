@@ -200,6 +200,7 @@ class Tracker(NullTracker):
         self.buffer: list[Any] = []
         self.last_flush = time.monotonic()
         self.skipped = 0  # non-finite values kept out of MLflow (they break its run pages)
+        self.known_experiment_id: str | None = None
         self.close_unclosed()
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
@@ -269,6 +270,12 @@ class Tracker(NullTracker):
         return f"{base}/#/experiments/{self.experiment_id()}/runs/{self.run_id}?workflowType=machine_learning"
 
     def experiment_id(self) -> str:
+        """The experiment's id, looked up once per run (a population's members ask M times)."""
+        if self.known_experiment_id is None:
+            self.known_experiment_id = self.find_or_create_experiment()
+        return self.known_experiment_id
+
+    def find_or_create_experiment(self) -> str:
         """Get or create the experiment (a concurrent creator may win the race: then read its id)."""
         from mlflow.exceptions import MlflowException
 
@@ -289,6 +296,8 @@ class Tracker(NullTracker):
     def start(self, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         from mlflow.entities import Param
 
+        if self.run_id is not None:  # created already: a population's member, before its population trained
+            return
         tags = {**tags, **self.tags}  # the run's own first: the UI lists tags in creation order
         if self.parent_run_id:
             tags[Tag.parent] = self.parent_run_id
@@ -372,16 +381,21 @@ def artifact_location(root: Path, experiment: str) -> str:
 
 
 def make_tracker(
-    cfg: TrackingConfig, launch_dir: Path, parent_run_id: str | None = None, writer: bool = True
+    cfg: TrackingConfig,
+    launch_dir: Path,
+    parent_run_id: str | None = None,
+    writer: bool = True,
+    link: dict[str, Any] | None = None,
 ) -> NullTracker:
     """The run's tracker, inside a sweep in the sweep's store and experiment, under its parent run.
     `writer`: a training run records through its own writer process (bpexp/recorder.py); a run whose
-    values already exist (a population's member) is written from this process."""
+    values already exist (a population's member) is written from this process. `link`: the sweep's,
+    given before its job starts (else $BPEXP_SWEEP's)."""
     from bpexp.recorder import RecordingTracker
 
     if cfg.backend == TrackingBackend.none:
         return NullTracker()
-    link = sweep_link()
+    link = link or sweep_link()
     if link is not None:
         uri, experiment, tags = link["uri"], link["experiment"], link["tags"]
         parent_run_id = parent_run_id or link["parent_run_id"]

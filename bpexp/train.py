@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -216,13 +217,10 @@ def recorded(
     result = trained.result if trained else RunResult(name=run_name(cfg))
     result.out_dir = out_dir
     run = trained or Run(tracker, result, prediction.metrics() if prediction else {})
-    params = {k: v for k, v in flatten(cfg).items() if not k.startswith("sweep.")}  # sweep.*: how, not what
-    params.update(prediction.params() if prediction else {})
     start = time.perf_counter()
     with sigterm_as_interrupt():
         try:
-            state = {Tag.outcome: Outcome.running, Tag.diagnosis: Diagnosis.pending}
-            tracker.start(result.name, params, {**state, Tag.config_hash: config_hash(cfg), **(tags or {})})
+            tracker.start(*run_start(cfg, result.name, prediction, tags))
             result.tracking_uri = tracker.uri  # the run id comes with finish(): the writer creates the run
             log.debug("run %s started (%s)", result.name, tracker.uri or "not tracked")
             loop_start = time.perf_counter()
@@ -245,6 +243,23 @@ def recorded(
                 finish(cfg, run, figure=trained is None)
             finally:
                 result.seconds = result.seconds or time.perf_counter() - start
+
+
+def run_start(
+    cfg: Config, name: str, prediction: Prediction | None, tags: dict[str, str] | None = None
+) -> tuple[str, dict[str, Any], dict[str, str]]:
+    """What a run is created with (tracker.start): its name, params and opening tags."""
+    params = {k: v for k, v in flatten(cfg).items() if not k.startswith("sweep.")}  # sweep.*: how, not what
+    params.update(prediction.params() if prediction else {})
+    state = {Tag.outcome: Outcome.running, Tag.diagnosis: Diagnosis.pending}
+    return name, params, {**state, Tag.config_hash: config_hash(cfg), **(tags or {})}
+
+
+def name_in_sweep(cfg: Config, overrides: list[str]) -> None:
+    """In a sweep the runs differ by what they vary: lead with it (the UI cuts names short)."""
+    if cfg.tracking.run_name is None:
+        varied = " ".join(o for o in overrides if is_experiment(o))
+        cfg.tracking.run_name = f"{varied} · {run_name(cfg)}"[:250] if varied else None
 
 
 @dataclass
@@ -469,10 +484,8 @@ def main(cfg: DictConfig) -> float:
         config = to_config(cfg)
         result = resumed(config, launch_dir) if config.sweep.resume else None
         if result is None:
-            if sweeping and config.tracking.run_name is None:
-                # In a sweep the runs differ by what they vary: lead with it (the UI cuts names short).
-                varied = " ".join(o for o in overrides if is_experiment(o))
-                config.tracking.run_name = f"{varied} · {run_name(config)}"[:250] if varied else None
+            if sweeping:
+                name_in_sweep(config, overrides)
             result = train(config, launch_dir, out_dir, progress=not sweeping)
     except KeyboardInterrupt as err:
         if sweeping:

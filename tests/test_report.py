@@ -240,3 +240,15 @@ def test_configs_that_do_not_form_a_grid_get_one_bar_each():
     ticks = [t.get_text().replace("\n", " ") for t in left.get_xticklabels()]
     assert len(left.patches) == 7 and sorted(ticks) == sorted(set(summary["config"]))
     assert "init=normal optim=momentum" in ticks and left.get_legend() is None
+
+
+def test_the_ranked_configs_give_the_delta_ratio_and_the_loss_with_their_ci_over_seeds():
+    """experiment=seeds_at_scale's question: how sure is a config's δ ratio and loss, over its seeds?"""
+    summary = he_init_summary().assign(delta_log10_ratio_init=lambda f: -0.5 * f["seed"] - f.index % 3)
+    summary["best_val_loss"] = summary["final_val_loss"]
+    configs = analysis.rank_configs(summary)
+    table = report.configs_for_markdown(configs)
+    for (_, row), cell in zip(configs.iterrows(), table["δ ratio at init"], strict=True):
+        runs = summary[summary["config"] == row["config"]]["delta_log10_ratio_init"]
+        lo, hi = analysis.bootstrap_ci(runs.to_numpy())
+        assert lo < hi and cell == f"{runs.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]"

@@ -8,10 +8,12 @@ Knows Hydra only: grouping, training and recording are bpexp.batched's.
 # No `from __future__ import annotations`: Hydra imports plugins outside sys.modules, where dataclasses
 # cannot resolve string annotations.
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hydra.core.config_loader import ConfigLoader
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, configure_log, filter_overrides, run_job, setup_globals
 from hydra.plugins.launcher import Launcher
@@ -20,6 +22,7 @@ from omegaconf import DictConfig, open_dict
 
 log = logging.getLogger(__name__)
 DEVICES = ("auto", "cpu", "cuda")
+MAX_REMEMBERED = 1024  # composed job configs kept between validation and launch (~0.2 MB each)
 
 
 @dataclass
@@ -32,6 +35,24 @@ class BatchedLauncherConf:
 ConfigStore.instance().store(
     group="hydra/launcher", name="batched", node=BatchedLauncherConf, provider="bpexp"
 )
+
+
+def remember_compositions(loader: ConfigLoader, composed: dict[tuple[str, ...], DictConfig]) -> None:
+    """Keep what the sweeper composes to validate a batch (validate_batch_is_legal, the same loader
+    and master config) for the launch that composes the same jobs again: ~0.1 s a job saved. Nothing
+    else changes: the loader composes as before, and the launcher takes each config once."""
+    load = loader.load_sweep_config
+    if getattr(load, "remembers", False):  # a second launcher on the same loader (Optuna's batches)
+        load = load.__wrapped__
+
+    def remembering(master_config: DictConfig, sweep_overrides: list[str]) -> DictConfig:
+        job = load(master_config=master_config, sweep_overrides=sweep_overrides)
+        if len(composed) < MAX_REMEMBERED:
+            composed[tuple(sweep_overrides)] = job
+        return job
+
+    remembering.remembers, remembering.__wrapped__ = True, load  # type: ignore[attr-defined]
+    loader.load_sweep_config = remembering  # type: ignore[method-assign]
 
 
 class BatchedLauncher(Launcher):
@@ -47,9 +68,20 @@ class BatchedLauncher(Launcher):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
+        self.composed: dict[tuple[str, ...], DictConfig] = {}
+        remember_compositions(hydra_context.config_loader, self.composed)
+
+    def job_config(self, overrides: Sequence[str]) -> DictConfig:
+        """The job's config as the sweeper composed it to validate the batch, else composed now."""
+        job = self.composed.pop(tuple(overrides), None)
+        if job is None:
+            assert self.config is not None and self.hydra_context is not None
+            load = self.hydra_context.config_loader.load_sweep_config
+            job = load.__wrapped__(self.config, list(overrides))  # not remembered: taken at once
+        return job
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from bpexp.batched import job_task, prepare, train_jobs
+        from bpexp.batched import Job, job_task, populations, prepare, train_jobs
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
@@ -57,27 +89,43 @@ class BatchedLauncher(Launcher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         log.info(f"Launching {len(job_overrides)} jobs as populations (at most {self.max_members} members)")
         launch_dir = Path(self.config.hydra.runtime.cwd)
-        jobs = []
+        jobs = {}
         for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-            job = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            job = self.job_config(overrides)
             with open_dict(job):
                 job.hydra.job.id = idx
                 job.hydra.job.num = idx
-            jobs.append((idx, job))
-        cfgs = {idx: cfg for idx, job in jobs if (cfg := prepare(job, launch_dir)) is not None}
-        trained = train_jobs(cfgs, self.max_members, self.device)
-        runs = []
-        for idx, job in jobs:  # jobs not trained (resumed, bad config) run train.main as they would alone
-            task = job_task(trained[idx]) if idx in trained else self.task_function
-            runs.append(
-                run_job(
-                    hydra_context=self.hydra_context,
-                    task_function=task,
-                    config=job,
-                    job_dir_key="hydra.sweep.dir",
-                    job_subdir_key="hydra.sweep.subdir",
-                )
-            )
-            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        return runs
+            jobs[idx] = job
+        cfgs = {idx: cfg for idx, job in jobs.items() if (cfg := prepare(job, launch_dir)) is not None}
+        runs = {}
+        for idx, job in jobs.items():  # jobs not trained (resumed, bad config) run train.main as alone
+            if idx not in cfgs:
+                runs[idx] = self.run(self.task_function, job)
+        for ids in populations(cfgs, self.max_members):
+            members = [
+                Job(idx, cfgs[idx], output_dir(jobs[idx]), list(jobs[idx].hydra.overrides.task))
+                for idx in ids
+            ]
+            trained = train_jobs(members, launch_dir, self.device)
+            for idx in ids:
+                runs[idx] = self.run(job_task(trained[idx]), jobs[idx])
+        return [runs[idx] for idx in jobs]
+
+    def run(self, task: TaskFunction, job: DictConfig) -> JobReturn:
+        """One job through Hydra's run_job: its folder, its callbacks (bpexp.sweep's), its return."""
+        assert self.config is not None and self.hydra_context is not None
+        returned = run_job(
+            hydra_context=self.hydra_context,
+            task_function=task,
+            config=job,
+            job_dir_key="hydra.sweep.dir",
+            job_subdir_key="hydra.sweep.subdir",
+        )
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return returned
+
+
+def output_dir(job: DictConfig) -> Path:
+    """The job's folder, as run_job will make it (hydra.runtime.output_dir)."""
+    return Path(os.path.abspath(os.path.join(str(job.hydra.sweep.dir), str(job.hydra.sweep.subdir))))

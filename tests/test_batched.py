@@ -1,0 +1,108 @@
+"""The batched launcher end to end: a killed sweep leaves every member KILLED, a population that raises
+fails its members and the sweep, and the Optuna sweeper's batches train as populations.
+
+The real CLI, real Hydra multiruns and a real SQLite store; the kill test waits on the store and on the
+process (with deadlines), never on a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from bpexp.data import write_idx
+from tests.conftest import cli, cli_env
+from tests.test_launcher_death import until
+
+TINY = ["model.depth=2", "model.width=8", "hydra/launcher=batched"]
+
+
+def children(store: str, experiment: str = "bpexp") -> list:
+    client = MlflowClient(store)
+    found = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([found.experiment_id]) if found else []
+    return [r for r in runs if r.data.tags.get("bpexp.role") != "sweep"]
+
+
+@pytest.mark.slow
+def test_sigterm_mid_training_ends_every_member_killed(tmp_path):
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    command = cli("-m", *TINY, "train.steps=1000000", "probes.every=1000", "seed=0,1,2")
+    command.append(f"hydra.sweep.dir={tmp_path}/sweep")
+    sweep = subprocess.Popen(
+        command, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        # Created before training, so all three exist while the population trains.
+        until(lambda: len(children(store)) == 3, 120, "no member runs in the store")
+        sweep.send_signal(signal.SIGTERM)
+        out, err = sweep.communicate(timeout=60)
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+            sweep.wait()
+    assert sweep.returncode != 0, out[-2000:]
+    members = children(store)
+    assert len(members) == 3, [r.info.run_name for r in members]
+    assert {r.info.status for r in members} == {"KILLED"}, err[-3000:]
+    assert {r.data.tags["bpexp.outcome"] for r in members} == {"killed"}
+    assert {r.data.tags["bpexp.job"] for r in members} == {"0", "1", "2"}
+    assert len({r.data.tags["bpexp.population"] for r in members}) == 1
+    # Closed as a lone run closes: tags, config and the probes it had (none if killed before step 0).
+    assert all((tmp_path / "sweep" / job / "config.yaml").is_file() for job in ("0", "1", "2"))
+    assert all(r.data.params["seed"] == r.data.tags["bpexp.job"] for r in members)
+
+
+def idx_folder(folder: Path, images: np.ndarray) -> Path:
+    folder.mkdir()
+    write_idx(folder / "train-images-idx3-ubyte", images)
+    write_idx(folder / "train-labels-idx1-ubyte", np.arange(len(images), dtype=np.uint8) % 2)
+    return folder
+
+
+@pytest.mark.slow
+def test_a_population_that_raises_fails_its_members_and_the_sweep(tmp_path):
+    rng = np.random.default_rng(0)
+    good = idx_folder(tmp_path / "good", rng.random((40, 2, 2), dtype=np.float32))
+    broken = rng.random((40, 2, 2), dtype=np.float32)
+    broken[3, 1, 0] = np.inf
+    bad = idx_folder(tmp_path / "bad", broken)
+    args = [*TINY, "train.steps=4", "data=idx", "data.n_train=30", "data.n_val=10", "seed=0"]
+    command = cli("-m", *args, f"data.path={good},{bad}", f"hydra.sweep.dir={tmp_path}/sweep")
+    done = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-3000:]
+    members = children(f"sqlite:///{tmp_path}/mlflow.db")
+    by_path = {p: [r for r in members if r.data.params.get("data.path") == p] for p in (str(good), str(bad))}
+    assert len(members) == 2 and {r.info.status for r in by_path[str(good)]} == {"FINISHED"}
+    assert {r.info.status for r in by_path[str(bad)]} == {"FAILED"}
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    for run in by_path[str(bad)]:
+        traceback = Path(client.download_artifacts(run.info.run_id, "traceback.txt", str(tmp_path)))
+        assert "non-finite" in traceback.read_text()
+
+
+@pytest.mark.slow
+def test_optuna_batches_of_n_jobs_trials_train_as_populations(tmp_path):
+    optuna = ["hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "hydra.sweeper.n_jobs=2", "optim=sgd"]
+    lrs = "optim.lr=choice(0.01,0.03,0.1,10000.0)"
+    command = cli("-m", *TINY, "train.steps=20", *optuna, lrs, f"hydra.sweep.dir={tmp_path}/sweep")
+    done = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    members = children(f"sqlite:///{tmp_path}/mlflow.db")
+    assert len(members) == 4 and {r.data.tags["bpexp.population_size"] for r in members} == {"2"}
+    assert len({r.data.tags["bpexp.population"] for r in members}) == 2  # one per batch of n_jobs trials
+    outcomes = {float(r.data.params["optim.lr"]): r.data.tags["bpexp.outcome"] for r in members}
+    assert outcomes == {0.01: "completed", 0.03: "completed", 0.1: "completed", 10000.0: "diverged"}
+    result = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    best = min(
+        (r for r in members if r.data.tags["bpexp.outcome"] == "completed"),
+        key=lambda r: r.data.metrics["val/loss"],
+    )
+    assert result.best_params["optim.lr"] == float(best.data.params["optim.lr"])
+    assert result.best_value == pytest.approx(best.data.metrics["val/loss"])
