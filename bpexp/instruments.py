@@ -144,7 +144,13 @@ class NoiseScaleEMA:
 
 
 # -------------------------------------------------------------------------------------- Jacobian spectrum
-LOG10_SV2_BINS = torch.linspace(-6.0, 6.0, 49, dtype=F64)  # fixed histogram edges of log10 σ², 4 per decade
+# The spectrum's shape in the dynamics: percentiles of σ² over the inputs' σ² pooled (one row per quantity
+# and step, so it charts as lines, on a log axis where the spectrum spans decades).
+SV2_PERCENTILES = {
+    Metric.jacobian_sv2_p05: 0.05,
+    Metric.jacobian_sv2_p50: 0.50,
+    Metric.jacobian_sv2_p95: 0.95,
+}
 
 
 @dataclass
@@ -159,8 +165,8 @@ class JacobianSpectrum:
     """(m2 − m1²)/m1² per input, averaged: the scale-free spread (0 = dynamical isometry)."""
     sv_max: Tensor
     """The largest singular value over the inputs."""
-    hist: Tensor
-    """(..., len(LOG10_SV2_BINS) + 1): share of all σ² per bin of log10 σ²; first/last bins catch the rest."""
+    sv2_percentiles: Tensor
+    """(..., len(SV2_PERCENTILES)): the 5th, 50th and 95th percentiles of σ² over all inputs' σ²."""
 
     def metrics(self) -> dict[str, Tensor]:
         return {
@@ -168,6 +174,7 @@ class JacobianSpectrum:
             Metric.jacobian_sv2_var: self.sv2_var,
             Metric.jacobian_sv2_nvar: self.sv2_nvar,
             Metric.jacobian_sv_max: self.sv_max,
+            **{key: self.sv2_percentiles[..., i] for i, key in enumerate(SV2_PERCENTILES)},
         }
 
 
@@ -215,20 +222,20 @@ def jacobian_spectrum(
     sv = torch.linalg.svdvals(torch.where(finite[..., None, None], jac, 0.0))  # (..., k, min(n_{L-1}, n_0))
     sv = torch.where(finite[..., None], sv, torch.nan)
     sv2 = sv * sv
-    # JJᵀ is n_{L-1} × n_{L-1}: when n_0 < n_{L-1} its n_{L-1} − n_0 zeros count in m1 and m2 (not in hist).
+    # JJᵀ is n_{L-1} × n_{L-1}: when n_0 < n_{L-1} its n_{L-1} − n_0 zeros count in m1 and m2, not in the
+    # percentiles (which describe the nonzero σ² only).
     n = jac.shape[-2]
     m1 = sv2.sum(-1) / n  # (..., k)
     m2 = (sv2 * sv2).sum(-1) / n
     var = m2 - m1 * m1
-    edges = LOG10_SV2_BINS.to(sv2.device)
-    bins = torch.bucketize(torch.log10(sv2.clamp_min(1e-300)), edges)  # 0 … len(edges)
-    counts = torch.nn.functional.one_hot(bins, len(edges) + 1).to(F64).sum((-3, -2))
+    levels = torch.tensor(list(SV2_PERCENTILES.values()), dtype=F64, device=sv2.device)
+    pooled = sv2.flatten(-2)  # (..., k·r); NaN stays NaN
     return JacobianSpectrum(
         sv2_mean=m1.mean(-1),
         sv2_var=var.mean(-1),
         sv2_nvar=(var / (m1 * m1)).mean(-1),
         sv_max=sv.amax((-2, -1)),
-        hist=counts / counts.sum(-1, keepdim=True),
+        sv2_percentiles=torch.quantile(pooled, levels, dim=-1).movedim(0, -1),
     )
 
 

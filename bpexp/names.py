@@ -59,6 +59,9 @@ class Metric(StrEnum):
     jacobian_sv2_var = "jacobian/sv2_var"
     jacobian_sv2_nvar = "jacobian/sv2_nvar"  # (m2 − m1²)/m1²: 0 = dynamical isometry
     jacobian_sv_max = "jacobian/sv_max"
+    jacobian_sv2_p05 = "jacobian/sv2_p05"  # percentiles of σ²: the spectrum's shape
+    jacobian_sv2_p50 = "jacobian/sv2_p50"
+    jacobian_sv2_p95 = "jacobian/sv2_p95"
     theory_jacobian_sv2_mean = "theory/jacobian_sv2_mean"
     theory_jacobian_sv2_nvar = "theory/jacobian_sv2_nvar"
     # The top eigenvalue of the training loss's Hessian, and 2/η of the step that follows (Cohen et al. 2021)

@@ -155,6 +155,8 @@ def test_logged_jacobian_spectrum_equals_jacrev_and_its_theory(tmp_path):
     assert at(frame, "jacobian/sv2_var") == pytest.approx(float((m2 - m1**2).mean()), rel=1e-10)
     assert at(frame, "jacobian/sv2_nvar") == pytest.approx(float(((m2 - m1**2) / m1**2).mean()), rel=1e-10)
     assert at(frame, "jacobian/sv_max") == pytest.approx(float(sv2.max().sqrt()), rel=1e-10)
+    median = float(torch.quantile(sv2.flatten(), 0.5))
+    assert at(frame, "jacobian/sv2_p50") == pytest.approx(median, rel=1e-10)
     theory = predict_jacobian(cfg.model, 8, data.out_dim, float(data.x_train.pow(2).mean()))
     assert at(frame, "theory/jacobian_sv2_mean") == pytest.approx(theory.sv2_mean, rel=1e-12)
     assert at(frame, "theory/jacobian_sv2_nvar") == pytest.approx(theory.sv2_nvar, rel=1e-12)

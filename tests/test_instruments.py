@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from itertools import pairwise
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -214,12 +215,18 @@ def test_jacobian_spectrum_matches_jacrev_and_dense_svd(activation, residual):
     torch.testing.assert_close(spectrum.sv2_var, var.mean(), rtol=1e-10, atol=0)
     torch.testing.assert_close(spectrum.sv2_nvar, (var / m1**2).mean(), rtol=1e-10, atol=0)
     torch.testing.assert_close(spectrum.sv_max, sv2.max().sqrt(), rtol=1e-10, atol=0)
-    assert spectrum.hist.sum().item() == pytest.approx(1.0)
+    pooled = sv2.numpy().ravel()  # the σ² of every input (JJᵀ's extra zeros left out)
+    for q, key in [(5, "p05"), (50, "p50"), (95, "p95")]:
+        expected = np.percentile(pooled, q)
+        assert spectrum.metrics()[f"jacobian/sv2_{key}"].item() == pytest.approx(expected, rel=1e-10)
     assert set(spectrum.metrics()) == {
         "jacobian/sv2_mean",
         "jacobian/sv2_var",
         "jacobian/sv2_nvar",
         "jacobian/sv_max",
+        "jacobian/sv2_p05",
+        "jacobian/sv2_p50",
+        "jacobian/sv2_p95",
     }
 
 
@@ -234,7 +241,7 @@ def test_jacobian_spectrum_with_a_member_dimension_equals_member_by_member():
         alone = instruments.jacobian_spectrum(
             [w for w, _ in net], [c for _, c in net], Activation.tanh, xs[i]
         )
-        for field in ("sv2_mean", "sv2_var", "sv2_nvar", "sv_max", "hist"):
+        for field in ("sv2_mean", "sv2_var", "sv2_nvar", "sv_max", "sv2_percentiles"):
             torch.testing.assert_close(getattr(stacked, field)[i], getattr(alone, field), rtol=1e-12, atol=0)
 
 
