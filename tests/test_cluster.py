@@ -112,7 +112,11 @@ def values_recorded(run) -> int:
 
 @pytest.fixture(scope="module")
 def time_limited(cluster, tmp_path_factory) -> Iterator[tuple[subprocess.Popen, str]]:
-    """A job far longer than its 1-minute time limit, submitted first: it runs while the other tests do."""
+    """A job far longer than its 2-minute time limit, submitted first: it runs while the other tests do.
+
+    SLURM may send the warning up to a minute before it is due: with a 1-minute limit it could come while
+    the job is still unpickling (before any handler is set, so SIGUSR2 ends it FAILED without a run). With
+    2 minutes and signal_delay_s=1, it comes 1 to 2 minutes in, when the run has long started."""
     folder = tmp_path_factory.mktemp("timeout")
     process = sweep(
         cluster,
@@ -120,8 +124,8 @@ def time_limited(cluster, tmp_path_factory) -> Iterator[tuple[subprocess.Popen, 
         "seed=0",
         "train.steps=100000000",
         "probes.every=50",
-        "hydra.launcher.timeout_min=1",
-        "hydra.launcher.signal_delay_s=30",  # SLURM may send it up to a minute early: at any time here
+        "hydra.launcher.timeout_min=2",
+        "hydra.launcher.signal_delay_s=1",
         "tracking.experiment=timeout",
         "tracking.timeout=120",  # it also lives through the server's restart in the first test
     )
@@ -195,7 +199,7 @@ def test_concurrent_writers_into_postgresql_lose_nothing(cluster, time_limited):
 
 
 def test_job_past_its_time_limit_ends_killed_with_the_reason(cluster, time_limited):
-    """Last: the job submitted first, with timeout_min=1, has had its time by now."""
+    """Last: the job submitted first, with timeout_min=2, has had its time by now."""
     process, experiment = time_limited
     code, _, err = finish(process, timeout=180)
     assert code == 1, err[-3000:]
