@@ -16,6 +16,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NoReturn
 
@@ -185,7 +186,26 @@ def test_scancel_kills_one_run_the_others_finish_and_resume_reruns_it(cluster, t
     assert len(children(cluster, "scancel")) == 4  # jobs 0 and 1 ran once
 
 
-def test_populations_through_slurm_one_job_each(cluster, tmp_path):
+@pytest.fixture(scope="module")
+def cancelled_population(cluster, tmp_path_factory) -> Iterator[tuple[subprocess.Popen, Future]]:
+    """Two populations (train.steps differs); the long one's SLURM job is scancelled as soon as its
+    members' runs exist (the future gives its id), while the next test's sweep runs."""
+    args = ["seed=0,1", "train.steps=100,100000000", "tracking.experiment=populations_scancel"]
+    process = sweep(cluster, tmp_path_factory.mktemp("populations"), *args, launcher="batched_slurm")
+
+    def cancel() -> str:
+        victim = wait_running(cluster, "populations_scancel", "3")  # jobs 1 and 3, 3's run made last
+        job = victim.data.tags[Tag.slurm_job]
+        subprocess.run(["scancel", job], env=cluster.env(), check=True, timeout=30)
+        return job
+
+    with ThreadPoolExecutor(1) as pool:
+        yield process, pool.submit(cancel)
+        if process.poll() is None:
+            process.kill()
+
+
+def test_populations_through_slurm_one_job_each(cluster, cancelled_population, tmp_path):
     """hydra/launcher=batched_slurm: 4 seeds, at most 2 members a population, so 2 SLURM jobs; each
     member's run is its lone run's (params, metrics, artifacts), tagged with its population and with
     that population's SLURM job."""
@@ -209,6 +229,22 @@ def test_populations_through_slurm_one_job_each(cluster, tmp_path):
         assert {"config.yaml", "dynamics.parquet"} <= artifacts, artifacts
     assert len(jobs) == 2 and all(len(one) == 1 for one in jobs.values()), jobs
     assert len(set.union(*jobs.values())) == 2, jobs  # one SLURM job per population, not one per run
+
+
+def test_scancel_of_a_population_kills_its_members_the_other_finishes(cluster, cancelled_population):
+    """scancel of the long population's SLURM job ends both its members KILLED with the reason; the
+    other population finishes, and the sweep names the cancelled one and exits 1."""
+    process, cancelled = cancelled_population
+    job = cancelled.result(timeout=180)
+    code, _, err = finish(process)
+    assert code == 1, err[-3000:]
+    assert re.search(rf"population of jobs #1, #3: SLURM job {job} ended CANCELLED", err), err[-3000:]
+    assert "2 of 4 jobs failed" in err, err[-3000:]
+    runs = {run.data.tags[Tag.job]: run for run in children(cluster, "populations_scancel")}
+    assert [runs[j].info.status for j in "0123"] == ["FINISHED", "KILLED"] * 2
+    for j in "13":
+        assert runs[j].data.tags[Tag.slurm_job] == job
+        assert runs[j].data.tags[Tag.killed_by].startswith(f"SLURM job {job}"), runs[j].data.tags
 
 
 def test_concurrent_writers_into_postgresql_lose_nothing(cluster, time_limited):
