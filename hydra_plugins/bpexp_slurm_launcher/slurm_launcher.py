@@ -10,6 +10,11 @@
 
 It asks SLURM (sacct) for the jobs' states every `state_poll_s` seconds; submitit alone asks once a minute
 at most, and learns of a cancelled job only then.
+
+hydra/launcher=batched_slurm (BatchedSlurmLauncher) is the batched launcher whose populations are
+submitted through the same executor, one SLURM job each, with the same waiting, naming and cancelling;
+in its job, a population's members are created, trained and recorded as the batched launcher does it
+on one machine.
 """
 
 # No `from __future__ import annotations`: Hydra imports plugins outside sys.modules, where dataclasses
@@ -76,7 +81,6 @@ class BpexpSlurmLauncher(SlurmLauncher):
         item of `arguments`, each `task(item, Singleton state)`. Hydra's launch builds the executor
         from hydra.launcher and submits through it; Ctrl-C or SIGTERM here scancels them all."""
         import submitit
-        from hydra.core.singleton import Singleton
 
         submitted: list[Any] = []
         map_array = submitit.AutoExecutor.map_array
