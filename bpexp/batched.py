@@ -25,6 +25,7 @@ from omegaconf import DictConfig, open_dict, read_write
 
 from bpexp.config import Config, Device, to_config
 from bpexp.console import job_line, summary
+from bpexp.lifecycle import kill_reason
 from bpexp.names import Outcome, Tag
 from bpexp.population import Member, Population, group_key
 from bpexp.probes import Dynamics
@@ -88,9 +89,9 @@ def train_jobs(jobs: list[Job], launch_dir: Path, device: str = "auto") -> dict[
     error = None
     try:
         population.train()
-    except KeyboardInterrupt:  # SIGTERM (bpexp.sweep's hooks) or Ctrl-C: every member KILLED, then unwind
+    except KeyboardInterrupt as interrupt:  # SIGTERM (bpexp.sweep's hooks, a SLURM job's) or Ctrl-C:
         for job, member, tracker in zip(jobs, population.members, trackers, strict=True):
-            end_killed(job, member, tracker)
+            end_killed(job, member, tracker, kill_reason(interrupt))  # every member KILLED, then unwind
         raise
     except Exception as err:  # recorded per member as FAILED, with this traceback
         error = err
@@ -108,10 +109,12 @@ def open_run(job: Job, prediction: Prediction | None, launch_dir: Path, tags: di
     return tracker
 
 
-def end_killed(job: Job, member: Member, tracker: NullTracker) -> None:
-    """A member interrupted mid-training: its probes so far, its tags and config, KILLED (as a lone run)."""
+def end_killed(job: Job, member: Member, tracker: NullTracker, reason: str) -> None:
+    """A member interrupted mid-training: its probes so far, its tags and config, KILLED with the
+    reason (as a lone run)."""
     try:
         member.result.outcome, member.result.out_dir = Outcome.killed, job.out_dir
+        tracker.set_tags({Tag.killed_by: reason})
         job.out_dir.mkdir(parents=True, exist_ok=True)
         write_history(job.cfg, tracker, member.dynamics)
         finish(job.cfg, Run(tracker, member.result, dynamics=member.dynamics), figure=False)

@@ -75,6 +75,7 @@ DRAIN_LIMIT = 60.0  # seconds the trainer waits for the writer at the end, then 
 LOCK_TIMEOUT = 120.0  # seconds a transaction waits for the SQLite lock held by other writers
 HISTORY_MODES = tuple(mode.value for mode in HistoryChoice)  # the config's choices, by name
 MAX_FLOAT = sys.float_info.max
+WRITER_IGNORES = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR2}  # see main()
 Row = tuple[str, float, int, int]  # key, value, timestamp (ms), step
 
 
@@ -324,7 +325,13 @@ class RecordingTracker(Tracker):
         """Start the writer process (it imports MLflow while the loop runs: nothing waits for it)."""
         if self.process is None:
             command = [sys.executable, "-m", "bpexp.recorder", str(os.getpid())]
-            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            # Blocked in the writer (the mask survives exec) until main() ignores them: SLURM's SIGUSR2
+            # may come at once, and would kill a writer still importing, by its default action.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, WRITER_IGNORES)
+            try:
+                self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             reader = threading.Thread(target=read_messages, args=(self.process.stdout, self.answers))
             reader.daemon = True
             reader.start()
@@ -442,9 +449,9 @@ class RecordingTracker(Tracker):
 
 def main() -> int:
     """`python -m bpexp.recorder PARENT_PID`: messages on stdin, answers on the real stdout."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides how the run ends
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # SLURM's "time limit near" reaches the whole job
+    for signum in WRITER_IGNORES:  # the trainer decides how the run ends; SLURM's SIGUSR2 (time limit
+        signal.signal(signum, signal.SIG_IGN)  # near) reaches the whole job
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, WRITER_IGNORES)  # blocked since the spawn: now ignored
     outbox = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # anything MLflow prints goes to stderr, never into the answers
     return serve(sys.stdin.buffer, outbox, int(sys.argv[1]))

@@ -43,7 +43,8 @@ import threading
 import time
 import traceback
 from collections import Counter
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,8 +305,6 @@ class SweepCallback(Callback):
         if os.getpid() != self.state.launcher_pid and job is None:
             LauncherWatch.start(self.state.launcher_pid)
         link = job_link(self.state, int(config.hydra.job.num), str(config.hydra.runtime.output_dir))
-        if job:
-            link["tags"][Tag.slurm_job] = job
         os.environ[SWEEP_ENV] = json.dumps(link)
         self.job_started_ms = int(time.time() * 1000)
 
@@ -418,13 +417,17 @@ def lost_line(run: Any) -> str:
 
 
 def job_link(state: SweepState, job_num: int, output_dir: str) -> dict[str, Any]:
-    """What a job's run needs to join its sweep ($BPEXP_SWEEP, tracking.sweep_link)."""
+    """What a job's run needs to join its sweep ($BPEXP_SWEEP, tracking.sweep_link); in a SLURM job
+    also the job's id, as squeue and scancel name it."""
+    tags = {Tag.sweep: state.sweep_id, Tag.job: str(job_num), Tag.job_dir: output_dir}
+    if job := slurm_job():
+        tags[Tag.slurm_job] = job
     return {
         "uri": state.uri,
         "experiment": state.experiment,
         "parent_run_id": state.parent_run_id,
         "jobs": state.jobs,
-        "tags": {Tag.sweep: state.sweep_id, Tag.job: str(job_num), Tag.job_dir: output_dir},
+        "tags": tags,
     }
 
 
@@ -432,6 +435,19 @@ def launching_link(job_num: int, output_dir: str) -> dict[str, Any] | None:
     """In the launching process, before the job starts: the link on_job_start will give it (the batched
     launcher creates a population's runs before training it). None outside a tracked sweep."""
     return job_link(SweepCallback.launching, job_num, output_dir) if SweepCallback.launching else None
+
+
+@contextmanager
+def launching_in_job(callbacks: Any) -> Iterator[None]:
+    """A SLURM job that trains a population (hydra/launcher=batched_slurm) creates its members' runs
+    before their jobs start, as the launching process does on one machine: in the sweep that the
+    job's SweepCallback brought with it, pickled with its state (Hydra's callbacks, hydra_context's)."""
+    found = [c.state for c in callbacks.callbacks if isinstance(c, SweepCallback) and c.state]
+    SweepCallback.launching = found[0] if found else None
+    try:
+        yield
+    finally:
+        SweepCallback.launching = None
 
 
 def sweep_axes(config: DictConfig, overrides: list[str]) -> dict[str, Any] | None:

@@ -11,6 +11,7 @@
    steps and an evaluation (where the peak is: probe steps keep δ and activations).
 
     python scripts/bench_population.py --seeds 64     # taskset -c 0,1 for the 2-core figure
+    python scripts/bench_population.py --seeds 64 --skip-sweeps model.width=256   # your population's
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=64)
     parser.add_argument("--skip-sweeps", action="store_true")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="the population's config (model.width=256 …): with --skip-sweeps, "
+        "its peak memory sizes hydra.launcher.max_members",
+    )
     args = parser.parse_args()
     if not args.skip_sweeps:
         with tempfile.TemporaryDirectory() as folder:
@@ -96,7 +103,7 @@ def main() -> None:
             f"{basic / batched:.1f}×"
         )
 
-    cfgs = configs(args.seeds)
+    cfgs = configs(args.seeds, *args.overrides)
     steps = cfgs[0].train.steps
     population = Population(cfgs)
     start = time.perf_counter()
@@ -108,7 +115,7 @@ def main() -> None:
         f"per member-step ({args.seeds} members, {steps} steps, probes every {cfgs[0].probes.every}): "
         f"{full * per:.1f} µs, bare loop {bare * per:.1f} µs: {full / bare:.2f}×"
     )
-    short = configs(args.seeds, f"train.steps={2 * cfgs[0].probes.every + 1}")
+    short = configs(args.seeds, *args.overrides, f"train.steps={2 * cfgs[0].probes.every + 1}")
     population = Population(short)
     estimate = estimate_bytes(population)
     with tempfile.TemporaryDirectory() as folder:
@@ -118,7 +125,7 @@ def main() -> None:
         f"{estimate / 2**20:.1f} MiB: {peak / estimate:.2f}×"
     )
 
-    one = configs(1)
+    one = configs(1, *args.overrides)
     start = time.perf_counter()
     Population(one).train()
     as_population = time.perf_counter() - start

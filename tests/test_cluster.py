@@ -16,6 +16,7 @@ import re
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import NoReturn
 
@@ -53,11 +54,11 @@ def cluster() -> Iterator[Cluster]:
         cluster.stop(remove=True)
 
 
-def sweep(cluster: Cluster, folder: Path, *args: str) -> subprocess.Popen:
+def sweep(cluster: Cluster, folder: Path, *args: str, launcher: str = "slurm") -> subprocess.Popen:
     """The user's command: a SLURM sweep of tiny nets into the cluster's tracking server."""
     command = cli(
         "-m",
-        "hydra/launcher=slurm",
+        f"hydra/launcher={launcher}",
         f"tracking.uri={cluster.tracking_uri}",
         f"hydra.sweep.dir={folder}/multirun",
         *TINY,
@@ -187,6 +188,67 @@ def test_scancel_kills_one_run_the_others_finish_and_resume_reruns_it(cluster, t
     again = [run for run in children(cluster, "scancel") if run.data.tags[Tag.job] == "2"]
     assert sorted(run.info.status for run in again) == ["FINISHED", "KILLED"]
     assert len(children(cluster, "scancel")) == 4  # jobs 0 and 1 ran once
+
+
+@pytest.fixture(scope="module")
+def cancelled_population(cluster, tmp_path_factory) -> Iterator[tuple[subprocess.Popen, Future]]:
+    """Two populations (train.steps differs); the long one's SLURM job is scancelled as soon as its
+    members' runs exist (the future gives its id), while the next test's sweep runs."""
+    args = ["seed=0,1", "train.steps=100,100000000", "tracking.experiment=populations_scancel"]
+    process = sweep(cluster, tmp_path_factory.mktemp("populations"), *args, launcher="batched_slurm")
+
+    def cancel() -> str:
+        victim = wait_running(cluster, "populations_scancel", "3")  # jobs 1 and 3, 3's run made last
+        job = victim.data.tags[Tag.slurm_job]
+        subprocess.run(["scancel", job], env=cluster.env(), check=True, timeout=30)
+        return job
+
+    with ThreadPoolExecutor(1) as pool:
+        yield process, pool.submit(cancel)
+        if process.poll() is None:
+            process.kill()
+
+
+def test_populations_through_slurm_one_job_each(cluster, cancelled_population, tmp_path):
+    """hydra/launcher=batched_slurm: 4 seeds, at most 2 members a population, so 2 SLURM jobs; each
+    member's run is its lone run's (params, metrics, artifacts), tagged with its population and with
+    that population's SLURM job."""
+    args = ["seed=0,1,2,3", "train.steps=200", "tracking.experiment=populations"]
+    launcher = sweep(cluster, tmp_path, *args, "hydra.launcher.max_members=2", launcher="batched_slurm")
+    code, _, err = finish(launcher)
+    assert code == 0, err[-3000:]
+
+    runs = children(cluster, "populations")
+    assert len(runs) == 4 and {run.info.status for run in runs} == {"FINISHED"}, err[-3000:]
+    assert len({run.data.tags[Tag.parent] for run in runs}) == 1
+    assert sorted(int(run.data.params["seed"]) for run in runs) == [0, 1, 2, 3]
+    jobs: dict[str, set[str]] = {}  # population -> the SLURM jobs its members were tagged with
+    for run in runs:
+        tags = run.data.tags
+        jobs.setdefault(tags[Tag.population], set()).add(tags[Tag.slurm_job])
+        assert tags[Tag.outcome] == "completed" and tags[Tag.population_size] == "2"
+        assert SLURM_JOB.match(tags[Tag.slurm_job]), tags[Tag.slurm_job]
+        assert values_in_database(cluster, run.info.run_id) == values_recorded(run) > 0
+        artifacts = {a.path for a in MlflowClient(cluster.tracking_uri).list_artifacts(run.info.run_id)}
+        assert {"config.yaml", "dynamics.parquet"} <= artifacts, artifacts
+    assert len(jobs) == 2 and all(len(one) == 1 for one in jobs.values()), jobs
+    assert len(set.union(*jobs.values())) == 2, jobs  # one SLURM job per population, not one per run
+
+
+def test_scancel_of_a_population_kills_its_members_the_other_finishes(cluster, cancelled_population):
+    """scancel of the long population's SLURM job ends both its members KILLED with the reason; the
+    other population finishes, and the sweep names the cancelled one and exits 1."""
+    process, cancelled = cancelled_population
+    job = cancelled.result(timeout=180)
+    code, _, err = finish(process)
+    assert code == 1, err[-3000:]
+    assert re.search(rf"population of jobs #1, #3: SLURM job {job} ended CANCELLED", err), err[-3000:]
+    assert "2 of 4 jobs failed" in err, err[-3000:]
+    runs = {run.data.tags[Tag.job]: run for run in children(cluster, "populations_scancel")}
+    assert [runs[j].info.status for j in "0123"] == ["FINISHED", "KILLED"] * 2
+    for j in "13":
+        assert runs[j].data.tags[Tag.slurm_job] == job
+        assert runs[j].data.tags[Tag.killed_by].startswith(f"SLURM job {job}"), runs[j].data.tags
 
 
 def test_concurrent_writers_into_postgresql_lose_nothing(cluster, time_limited):

@@ -12,6 +12,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hydra.core.config_loader import ConfigLoader
 from hydra.core.config_store import ConfigStore
@@ -81,7 +82,7 @@ class BatchedLauncher(Launcher):
         return job
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from bpexp.batched import Job, job_task, populations, prepare, train_jobs
+        from bpexp.batched import Job, populations, prepare
 
         setup_globals()
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
@@ -102,15 +103,28 @@ class BatchedLauncher(Launcher):
         for idx, job in jobs.items():  # jobs not trained (resumed, bad config) run train.main as alone
             if idx not in cfgs:
                 runs[idx] = self.run(self.task_function, job)
-        for ids in populations(cfgs, self.max_members):
-            members = [
-                Job(idx, cfgs[idx], output_dir(jobs[idx]), list(jobs[idx].hydra.overrides.task))
-                for idx in ids
-            ]
-            trained = train_jobs(members, launch_dir, self.device)
-            for idx in ids:
-                runs[idx] = self.run(job_task(trained[idx]), jobs[idx])
+        groups = [
+            [Job(idx, cfgs[idx], output_dir(jobs[idx]), list(jobs[idx].hydra.overrides.task)) for idx in ids]
+            for ids in populations(cfgs, self.max_members)
+        ]
+        runs.update(self.train_populations(groups, jobs))
         return [runs[idx] for idx in jobs]
+
+    def train_populations(self, groups: list[list[Any]], jobs: dict[int, DictConfig]) -> dict[int, JobReturn]:
+        """Each population trained here, one after another (hydra/launcher=batched_slurm: each in its
+        own SLURM job)."""
+        runs: dict[int, JobReturn] = {}
+        for members in groups:
+            runs.update(self.train_population(members, {m.num: jobs[m.num] for m in members}))
+        return runs
+
+    def train_population(self, members: list[Any], jobs: dict[int, DictConfig]) -> dict[int, JobReturn]:
+        """One population (bpexp.batched.Job each) trained, then each member recorded as its job's run."""
+        from bpexp.batched import job_task, train_jobs
+
+        assert self.config is not None
+        trained = train_jobs(members, Path(self.config.hydra.runtime.cwd), self.device)
+        return {m.num: self.run(job_task(trained[m.num]), jobs[m.num]) for m in members}
 
     def run(self, task: TaskFunction, job: DictConfig) -> JobReturn:
         """One job through Hydra's run_job: its folder, its callbacks (bpexp.sweep's), its return."""
