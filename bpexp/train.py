@@ -220,7 +220,8 @@ def recorded(
     start = time.perf_counter()
     with sigterm_as_interrupt():
         try:
-            tracker.start(*run_start(cfg, result.name, prediction, tags))
+            if tracker.run_id is None:  # a population's member was created before its population trained
+                tracker.start(*run_start(cfg, result.name, prediction, tags))
             result.tracking_uri = tracker.uri  # the run id comes with finish(): the writer creates the run
             log.debug("run %s started (%s)", result.name, tracker.uri or "not tracked")
             loop_start = time.perf_counter()
