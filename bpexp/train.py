@@ -40,6 +40,7 @@ from bpexp.config import (
     check_override_keys,
     config_hash,
     flatten,
+    plain,
     to_config,
 )
 from bpexp.console import job_line, progress_fields, summary
@@ -378,7 +379,7 @@ def write_artifacts(
     out_dir = result.out_dir
     (out_dir / "plots").mkdir(exist_ok=True)
     config_path = out_dir / "config.yaml"
-    config_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    config_path.write_text(OmegaConf.to_yaml(plain(cfg)))  # the structured node's YAML, sooner
     frame = dynamics.frame()  # built once: for the Parquet file and for the figure
     frame.to_parquet(out_dir / "dynamics.parquet", index=False)
     artifacts = [(config_path, None), (out_dir / "dynamics.parquet", None)]
