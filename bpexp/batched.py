@@ -117,8 +117,7 @@ def open_runs(
         run_start(job.cfg, run_name(job.cfg), member.prediction, tags)
         for job, member in zip(jobs, members, strict=True)
     ]
-    start_runs(trackers, starts)
-    return trackers
+    return start_runs(trackers, starts)
 
 
 def end_killed(job: Job, member: Member, tracker: NullTracker) -> None:

@@ -12,103 +12,161 @@ creates each run through MLflow's API (`Tracker.start`).
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import sqlite3
+import tempfile
 import time
+import urllib.parse
+import urllib.request
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
-from bpexp.recorder import LOCK_TIMEOUT, SCHEMA_REVISION, schema_revision
+from bpexp.recorder import LOCK_TIMEOUT, SCHEMA_REVISION, SqliteMetrics, schema_revision
 from bpexp.tracking import NullTracker, Tracker, param_value
 
 RUN_NAME_TAG = "mlflow.runName"  # MLflow's tag for the run's name, added by create_run
+STAGING_PREFIX = ".artifact.uploading."  # MLflow's local repository's: its listings skip such files
 
 Start = tuple[str, dict[str, Any], dict[str, str]]  # train.run_start's (run name, params, tags)
 
 
 def start_runs(
     trackers: Sequence[NullTracker], starts: Sequence[Start], revision: str = SCHEMA_REVISION
-) -> None:
-    """Create each tracker's run from its start, as `tracker.start(*start)` would: the trackers on one
-    SQLite store at `revision` in one transaction, any other one by one through MLflow."""
-    bulk = [
-        (tracker, start)
-        for tracker, start in zip(trackers, starts, strict=True)
-        if isinstance(tracker, Tracker) and tracker.run_id is None and in_bulk(tracker, trackers[0], revision)
-    ]
-    if bulk:
-        insert_runs(bulk)
-    done = {id(tracker) for tracker, _ in bulk}
-    for tracker, start in zip(trackers, starts, strict=True):
-        if id(tracker) not in done:
-            tracker.start(*start)
-
-
-def in_bulk(tracker: Tracker, first: NullTracker, revision: str) -> bool:
-    """The tracker's store is the first tracker's, an SQLite file at `revision`."""
-    return (
-        tracker.uri == first.uri
-        and tracker.uri.startswith("sqlite:///")
-        and schema_revision(tracker.uri.removeprefix("sqlite:///")) == revision
+) -> list[NullTracker]:
+    """Each tracker with its run created from its start, as `tracker.start(*start)` creates it: those on
+    the first tracker's store, an SQLite file at `revision`, in one transaction and from then on
+    written as `SqliteRun`s; any other through MLflow, one by one."""
+    first = trackers[0] if trackers else None
+    local = (
+        isinstance(first, Tracker)
+        and first.uri.startswith("sqlite:///")
+        and schema_revision(first.uri.removeprefix("sqlite:///")) == revision
     )
+    bulk = [
+        i
+        for i, tracker in enumerate(trackers)
+        if local and isinstance(tracker, Tracker) and tracker.run_id is None and tracker.uri == first.uri
+    ]
+    started = list(trackers)
+    for i, run in zip(bulk, insert_runs([(trackers[i], starts[i]) for i in bulk]), strict=True):
+        started[i] = run
+    for tracker, start in zip(started, starts, strict=True):
+        tracker.start(*start)  # no-op for a run created above
+    return started
 
 
-def insert_runs(bulk: list[tuple[Tracker, Start]]) -> None:
+def insert_runs(bulk: list[tuple[Tracker, Start]]) -> list[NullTracker]:
     """The `runs`, `tags` and `params` rows of every run, in one transaction (rolled back whole)."""
     from mlflow.utils.uri import append_to_uri_path
 
+    if not bulk:
+        return []
     first = bulk[0][0]
     experiment_id = first.experiment_id()
     experiment = first.call("get_experiment", experiment_id)
     if experiment.lifecycle_stage != "active":  # MLflow's create_run refuses it, in its own words
-        for tracker, start in bulk:
-            tracker.start(*start)
-        return
-    location, now = experiment.artifact_location, int(time.time() * 1000)
+        return [tracker for tracker, _ in bulk]
+    now, created = int(time.time() * 1000), []
     runs, tags, params = [], [], []
     for tracker, (name, run_params, run_tags) in bulk:
-        run_id = uuid.uuid4().hex
-        tracker.known_experiment_id = experiment_id
-        artifact_uri = append_to_uri_path(location, run_id, "artifacts")
-        source = ("UNKNOWN", "", "", "unknown")  # source type, name, entry point, user: as MlflowClient's
-        runs.append(
-            (
-                run_id,
-                name,
-                *source,
-                "RUNNING",
-                now,
-                None,
-                "",
-                "active",
-                artifact_uri,
-                int(experiment_id),
-                None,
-            )
-        )
+        run = SqliteRun(tracker, uuid.uuid4().hex, experiment_id)
+        artifact_uri = append_to_uri_path(experiment.artifact_location, run.run_id, "artifacts")
+        run.artifact_dir = local_folder(artifact_uri)
+        source = ("UNKNOWN", "", "", "unknown", "RUNNING")  # type, name, entry point, user: MlflowClient's
+        runs.append((run.run_id, name, *source, now, "", "active", artifact_uri, int(experiment_id)))
         opening = tracker.opening_tags(run_tags)
         opening.setdefault(RUN_NAME_TAG, name)
-        tags += [(key, str(value), run_id) for key, value in opening.items()]
-        params += [(key, param_value(value), run_id) for key, value in run_params.items()]
-        tracker.run_id = run_id
-    path = first.uri.removeprefix("sqlite:///")
-    db = sqlite3.connect(path, timeout=LOCK_TIMEOUT, isolation_level=None)
+        tags += [(key, str(value), run.run_id) for key, value in opening.items()]
+        params += [(key, param_value(value), run.run_id) for key, value in run_params.items()]
+        created.append(run)
+    with transaction(first.uri) as db:
+        db.executemany(
+            "INSERT INTO runs (run_uuid, name, source_type, source_name, entry_point_name, user_id,"
+            " status, start_time, source_version, lifecycle_stage, artifact_uri, experiment_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            runs,
+        )
+        db.executemany('INSERT INTO tags ("key", value, run_uuid) VALUES (?, ?, ?)', tags)
+        db.executemany('INSERT INTO params ("key", value, run_uuid) VALUES (?, ?, ?)', params)
+    return created
+
+
+@contextlib.contextmanager
+def transaction(uri: str) -> Iterator[sqlite3.Connection]:
+    """One write transaction on an SQLite store: committed whole, or rolled back whole."""
+    db = sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=LOCK_TIMEOUT, isolation_level=None)
     try:
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany(
-                "INSERT INTO runs (run_uuid, name, source_type, source_name, entry_point_name, user_id,"
-                " status, start_time, end_time, source_version, lifecycle_stage, artifact_uri,"
-                " experiment_id, deleted_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                runs,
-            )
-            db.executemany('INSERT INTO tags ("key", value, run_uuid) VALUES (?, ?, ?)', tags)
-            db.executemany('INSERT INTO params ("key", value, run_uuid) VALUES (?, ?, ?)', params)
+            yield db
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
-            for tracker, _ in bulk:
-                tracker.run_id = None
             raise
     finally:
         db.close()
+
+
+def local_folder(artifact_uri: str) -> Path | None:
+    """The folder of a file: artifact URI (MLflow's local artifact repository), else None."""
+    parsed = urllib.parse.urlparse(artifact_uri)
+    return Path(urllib.request.url2pathname(parsed.path)) if parsed.scheme == "file" else None
+
+
+class SqliteRun(Tracker):
+    """A run created by `insert_runs`, written as MLflow's client writes it but straight into the
+    store's tables and the artifact folder: tags upserted, metrics by SqliteMetrics, artifacts copied
+    as MLflow's local repository copies them (to a temporary name, then renamed), the end as
+    set_terminated sets it. ~1 ms a call where the client takes ~15 ms."""
+
+    def __init__(self, created_as: Tracker, run_id: str, experiment_id: str):
+        t = created_as
+        super().__init__(t.uri, t.experiment, t.parent_run_id, t.tags, t.timeout, t.client)
+        self.run_id, self.known_experiment_id = run_id, experiment_id
+        self.artifact_dir: Path | None = None  # None: not a local folder, artifacts go through MLflow
+
+    def set_tags_of(self, run_id: str, tags: dict[str, str]) -> None:
+        if RUN_NAME_TAG in tags:  # MLflow renames the run too
+            super().set_tags_of(run_id, tags)
+            return
+        with transaction(self.uri) as db:
+            db.executemany(
+                'INSERT INTO tags ("key", value, run_uuid) VALUES (?, ?, ?)'
+                ' ON CONFLICT ("key", run_uuid) DO UPDATE SET value = excluded.value',
+                [(key, str(value), run_id) for key, value in tags.items()],
+            )
+
+    def flush(self) -> None:
+        if self.buffer:
+            rows = [(m.key, m.value, m.timestamp, m.step) for m in self.buffer]
+            SqliteMetrics(self.uri.removeprefix("sqlite:///"), self.run_id).write(rows)  # type: ignore[arg-type]
+            self.buffer = []
+        self.last_flush = time.monotonic()
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.artifact_dir is None:
+            super().log_artifact(path, artifact_path)
+            return
+        folder = self.artifact_dir / artifact_path if artifact_path else self.artifact_dir
+        folder.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=folder, prefix=STAGING_PREFIX)  # MLflow's staging
+        try:
+            with os.fdopen(handle, "wb") as staged, open(path, "rb") as source:
+                shutil.copyfileobj(source, staged)
+            shutil.copystat(path, partial)  # the source's mode and times, as MLflow's copy keeps them
+            os.replace(partial, folder / path.name)
+        except BaseException:
+            Path(partial).unlink(missing_ok=True)
+            raise
+
+    def end(self, status: str) -> None:
+        self.flush()
+        with transaction(self.uri) as db:
+            db.execute(
+                "UPDATE runs SET status = ?, end_time = ? WHERE run_uuid = ?",
+                (status, int(time.time() * 1000), self.run_id),
+            )

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from bpexp.names import Outcome
 from bpexp.recorder import SCHEMA_REVISION, schema_revision
 from bpexp.result import RunResult
-from bpexp.sqlstore import start_runs
+from bpexp.sqlstore import SqliteRun, start_runs
 from bpexp.tracking import Tracker
 from bpexp.train import Run, finish, run_start
 from tests.conftest import make_config
@@ -24,13 +25,16 @@ def test_a_run_created_in_bulk_is_the_run_the_client_creates(store, tmp_path):
     through_client.start(*start)
     path = store.removeprefix("sqlite:///")
     assert schema_revision(path) == SCHEMA_REVISION  # else start_runs would not write in bulk
-    in_bulk = [Tracker(store, "bpexp", parent_run_id="p" * 32, tags=link) for _ in range(2)]
-    start_runs(in_bulk, [start, start])
+    trackers = [Tracker(store, "bpexp", parent_run_id="p" * 32, tags=link) for _ in range(2)]
+    in_bulk = start_runs(trackers, [start, start])
+    assert all(isinstance(run, SqliteRun) for run in in_bulk)
 
     for tracker in [through_client, *in_bulk]:
         out = tmp_path / str(tracker.run_id)
         out.mkdir()
-        finish(cfg, Run(tracker, RunResult(name="member", out_dir=out)), figure=False)
+        result = RunResult(name="member", out_dir=out, outcome=Outcome.diverged)
+        result.diverged_step, result.diverged_layer = 3, 1  # a tag and a metric, written at the end
+        finish(cfg, Run(tracker, result), figure=False)
 
     client = MlflowClient(store)
     expected, *got = [client.get_run(t.run_id) for t in [through_client, *in_bulk]]
@@ -45,7 +49,7 @@ def test_a_run_created_in_bulk_is_the_run_the_client_creates(store, tmp_path):
         assert run.info.run_id != expected.info.run_id
         assert run.data.params == expected.data.params and len(run.data.params) > 40
         assert own_tags(run) == own_tags(expected)  # the note names the run's id
-        assert run.data.metrics == expected.data.metrics
+        assert run.data.metrics == expected.data.metrics == {"diverged/step": 3.0}
         info, want = dict(run.info), dict(expected.info)
         for key in ("run_id", "run_uuid", "start_time", "end_time", "artifact_uri"):
             info.pop(key, None), want.pop(key, None)
@@ -61,6 +65,8 @@ def test_a_run_created_in_bulk_is_the_run_the_client_creates(store, tmp_path):
             == [("config.yaml", False), ("dynamics.parquet", False)]
         )
         files = Path(run.info.artifact_uri.removeprefix("file://"))
+        expected_files = Path(expected.info.artifact_uri.removeprefix("file://"))
+        assert (files / "config.yaml").stat().st_mode == (expected_files / "config.yaml").stat().st_mode
         assert (files / "config.yaml").read_text() == (tmp_path / run.info.run_id / "config.yaml").read_text()
 
 
