@@ -6,7 +6,9 @@ a lone run (config.yaml, dynamics.parquet), plus `bpexp.population` and `bpexp.p
 gradient-profile figure is not drawn: at ~0.2 s a figure, M figures would cost more than training the
 population; `python -m bpexp.report` draws a sweep's profiles from the dynamics.
 
-A member's run is created, RUNNING, before its population trains, as a lone run is before its loop: a
+A member's run is created, RUNNING, before its population trains, as a lone run is before its loop (all
+of a population's runs in one transaction where the store is SQLite, sqlstore.py, then written there
+straight to their end; through MLflow's client elsewhere): a
 SIGTERM during training ends every member KILLED with the probes it had, and a population that raises
 ends each member FAILED with the traceback; the job then fails, and the sweep exits 1.
 """
