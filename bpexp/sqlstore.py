@@ -1,13 +1,15 @@
-"""A population's runs created in MLflow's SQLite tables at once: what `Tracker.start` does M times.
+"""A population's runs in MLflow's SQLite tables at once: what `Tracker.start` does M times, and after.
 
 MLflow creates a run in one transaction (`create_run`: the `runs` row and its tags) and logs its params
 in another (`log_batch`), ~20 ms a run on an embedded store; a population of M members paid that M
-times before it trained. Into an SQLite store at recorder.SCHEMA_REVISION (the revision whose tables
-recorder.SqliteMetrics already writes), `start_runs` inserts every member's rows in one transaction:
-the same columns MLflow's SqlAlchemyStore fills (user "unknown", source UNKNOWN, status RUNNING, the
-artifact URI under the experiment's location), the tags in the order MLflow inserts them (the run's
-own, then `mlflow.runName`), and the params as `log_batch` stores them. Any other store or revision
-creates each run through MLflow's API (`Tracker.start`).
+times before it trained, and as much again to tag, fill and end each run. Into an SQLite store at
+recorder.SCHEMA_REVISION (the revision whose tables recorder.SqliteMetrics already writes),
+`start_runs` inserts every member's rows in one transaction: the columns MLflow's SqlAlchemyStore
+fills (user "unknown", source UNKNOWN, status RUNNING, the artifact URI under the experiment's
+location), the tags in the order MLflow inserts them (the run's own, then `mlflow.runName`), the
+params as `log_batch` stores them, checked and cut by MLflow's own validation. Each run is then a
+`SqliteRun`: its tags, metrics, artifacts and end are written the same way, straight to the store.
+Any other store or revision creates and writes each run through MLflow's API (`Tracker`).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ def start_runs(
 def insert_runs(bulk: list[tuple[Tracker, Start]]) -> list[NullTracker]:
     """The `runs`, `tags` and `params` rows of every run, in one transaction (rolled back whole)."""
     from mlflow.utils.uri import append_to_uri_path
+    from mlflow.utils.validation import _validate_param
 
     if not bulk:
         return []
@@ -81,7 +84,8 @@ def insert_runs(bulk: list[tuple[Tracker, Start]]) -> list[NullTracker]:
         opening = tracker.opening_tags(run_tags)
         opening.setdefault(RUN_NAME_TAG, name)
         tags += [(key, str(value), run.run_id) for key, value in opening.items()]
-        params += [(key, param_value(value), run.run_id) for key, value in run_params.items()]
+        checked = [_validate_param(key, param_value(value)) for key, value in run_params.items()]
+        params += [(param.key, param.value, run.run_id) for param in checked]
         created.append(run)
     with transaction(first.uri) as db:
         db.executemany(
@@ -130,6 +134,8 @@ class SqliteRun(Tracker):
         self.artifact_dir: Path | None = None  # None: not a local folder, artifacts go through MLflow
 
     def set_tags_of(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.utils.validation import _validate_tag  # log_batch's: names checked, long values cut
+
         if RUN_NAME_TAG in tags:  # MLflow renames the run too
             super().set_tags_of(run_id, tags)
             return
@@ -137,7 +143,7 @@ class SqliteRun(Tracker):
             db.executemany(
                 'INSERT INTO tags ("key", value, run_uuid) VALUES (?, ?, ?)'
                 ' ON CONFLICT ("key", run_uuid) DO UPDATE SET value = excluded.value',
-                [(key, str(value), run_id) for key, value in tags.items()],
+                [(tag.key, tag.value, run_id) for tag in (_validate_tag(k, str(v)) for k, v in tags.items())],
             )
 
     def flush(self) -> None:
