@@ -6,7 +6,9 @@ a lone run (config.yaml, dynamics.parquet), plus `bpexp.population` and `bpexp.p
 gradient-profile figure is not drawn: at ~0.2 s a figure, M figures would cost more than training the
 population; `python -m bpexp.report` draws a sweep's profiles from the dynamics.
 
-A member's run is created, RUNNING, before its population trains, as a lone run is before its loop: a
+A member's run is created, RUNNING, before its population trains, as a lone run is before its loop (all
+of a population's runs in one transaction where the store is SQLite, sqlstore.py, then written there
+straight to their end; through MLflow's client elsewhere): a
 SIGTERM during training ends every member KILLED with the probes it had, and a population that raises
 ends each member FAILED with the traceback; the job then fails, and the sweep exits 1.
 """
@@ -20,6 +22,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, open_dict, read_write
 
@@ -31,9 +34,10 @@ from bpexp.population import Member, Population, group_key
 from bpexp.probes import Dynamics
 from bpexp.recorder import log_history
 from bpexp.result import RunResult
+from bpexp.sqlstore import start_runs
 from bpexp.sweep import launching_link
 from bpexp.theory import Prediction
-from bpexp.tracking import NullTracker, Tracker, make_tracker, sweep_link
+from bpexp.tracking import NullTracker, Tracker, make_tracker, resolve_uri, sweep_link
 from bpexp.train import Run, finish, name_in_sweep, recorded, resumed, run_name, run_start
 
 log = logging.getLogger("bpexp.batched")
@@ -80,10 +84,7 @@ def train_jobs(jobs: list[Job], launch_dir: Path, device: str = "auto") -> dict[
             job.cfg.device = Device(device)
     try:
         population = Population([job.cfg for job in jobs])
-        trackers = [
-            open_run(job, member.prediction, launch_dir, tags)
-            for job, member in zip(jobs, population.members, strict=True)
-        ]
+        trackers = open_runs(jobs, population.members, launch_dir, tags)
     except Exception as err:
         return {job.num: err for job in jobs}
     error = None
@@ -101,12 +102,25 @@ def train_jobs(jobs: list[Job], launch_dir: Path, device: str = "auto") -> dict[
     }
 
 
-def open_run(job: Job, prediction: Prediction | None, launch_dir: Path, tags: dict[str, str]) -> NullTracker:
-    """The member's run, created as a lone run creates it (train.run_start), in its sweep as its job."""
-    link = launching_link(job.num, str(job.out_dir))
-    tracker = make_tracker(job.cfg.tracking, launch_dir, writer=False, link=link)
-    tracker.start(*run_start(job.cfg, run_name(job.cfg), prediction, tags))
-    return tracker
+def open_runs(
+    jobs: list[Job], members: list[Member], launch_dir: Path, tags: dict[str, str]
+) -> list[NullTracker]:
+    """The members' runs, created as lone runs create theirs (train.run_start), each in its sweep as its
+    job: through one MLflow client, and in one transaction where the store allows (sqlstore.py)."""
+    trackers: list[NullTracker] = []
+    clients: dict[str, Any] = {}  # by store: opening a client costs ~50 ms
+    for job in jobs:
+        link = launching_link(job.num, str(job.out_dir))
+        uri = link["uri"] if link else resolve_uri(job.cfg.tracking, launch_dir)
+        tracker = make_tracker(job.cfg.tracking, launch_dir, writer=False, link=link, client=clients.get(uri))
+        if isinstance(tracker, Tracker):
+            clients.setdefault(tracker.uri, tracker.client)
+        trackers.append(tracker)
+    starts = [
+        run_start(job.cfg, run_name(job.cfg), member.prediction, tags)
+        for job, member in zip(jobs, members, strict=True)
+    ]
+    return start_runs(trackers, starts)
 
 
 def end_killed(job: Job, member: Member, tracker: NullTracker, reason: str) -> None:

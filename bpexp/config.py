@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import math
@@ -378,7 +379,11 @@ def to_config(cfg: DictConfig) -> Config:
 
 def flatten(cfg: Config | DictConfig) -> dict[str, Any]:
     """Dotted keys -> plain values (enums as their names): the run's params."""
-    node = OmegaConf.structured(cfg) if not isinstance(cfg, DictConfig) else cfg
+    tree = (
+        plain(cfg)
+        if dataclasses.is_dataclass(cfg)
+        else OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    )
     flat: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -388,8 +393,35 @@ def flatten(cfg: Config | DictConfig) -> dict[str, Any]:
         else:
             flat[prefix] = value
 
-    walk("", OmegaConf.to_container(node, resolve=True, enum_to_str=True))
+    walk("", tree)
     return flat
+
+
+def plain(value: Any) -> Any:
+    """A typed config as OmegaConf.to_container(OmegaConf.structured(value), enum_to_str=True) gives
+    it (dicts in field order, enums as names, an int in a float field as a float), ~100× faster: a
+    population flattens each member's config several times (params, config hash, grouping)."""
+    if dataclasses.is_dataclass(value):
+        floats = float_fields(type(value))
+        return {
+            f.name: float(v) if f.name in floats and type(v) is int else plain(v)
+            for f in fields(value)
+            for v in [getattr(value, f.name)]
+        }
+    if isinstance(value, Enum):
+        return value.name
+    if isinstance(value, dict):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(item) for item in value]
+    return value
+
+
+@functools.cache
+def float_fields(kind: type) -> frozenset[str]:
+    """The fields of a schema typed float or float | None."""
+    hints = typing.get_type_hints(kind)
+    return frozenset(name for name, hint in hints.items() if hint is float or hint == float | None)
 
 
 def config_hash(cfg: Config | DictConfig) -> str:

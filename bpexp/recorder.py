@@ -24,7 +24,8 @@ statements in one transaction: the rows MLflow's `log_batch` writes (NaN as valu
 ±inf as ±max float, duplicates ignored by the primary key), and `latest_metrics` upserted with
 MLflow's rule (the greatest (step, timestamp, value) wins). Any other revision, and any server URI,
 goes through `MlflowClient.log_batch` (`ClientMetrics`). Everything else (experiment, run, params,
-tags, artifacts, status) always goes through MLflow's public API.
+tags, artifacts, status) goes through MLflow's public API, except a population's members on such a
+store: bpexp/sqlstore.py creates and ends them in bulk.
 
 What MLflow gets: tracking.history. `dynamics.parquet` always keeps every probe.
 - `full` (default): every probe. A lone run, or a few dozen: the UI shows every step.

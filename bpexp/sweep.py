@@ -242,11 +242,13 @@ class SweepCallback(Callback):
         SweepCallback.launching = None
         client = self.tracker.client
         lost = Outcome.killed if self.interrupted else Outcome.failed  # a process that died with its run open
-        for run in self.children():
-            if run.info.status == "RUNNING":
-                client.set_tag(run.info.run_id, Tag.outcome, lost)
-                client.set_terminated(run.info.run_id, lost.upper())
         children = self.children()
+        running = [run for run in children if run.info.status == "RUNNING"]
+        for run in running:
+            client.set_tag(run.info.run_id, Tag.outcome, lost)
+            client.set_terminated(run.info.run_id, lost.upper())
+        if running:  # read again as they now are (a search of M runs reads every value: ~20 ms a run)
+            children = self.children()
         latest = latest_runs(children)  # a resumed sweep's job has a run per launch: the last one counts
         counts = Counter(run.data.tags.get(Tag.outcome, Outcome.failed) for run in latest)
         self.lost = [lost_line(run) for run in latest if run.info.status in ("FAILED", "KILLED")]

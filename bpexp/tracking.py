@@ -190,13 +190,14 @@ class Tracker(NullTracker):
         parent_run_id: str | None = None,
         tags: dict[str, str] | None = None,
         timeout: float = 30.0,
+        client: Any = None,
     ):
         self.uri, self.experiment, self.parent_run_id = uri, experiment, parent_run_id
         self.tags = tags or {}  # set on the run at its creation (a sweep's link)
         self.timeout = timeout  # seconds a remote store may fail to answer before the run gives up
         self.remote = uri.startswith(("http://", "https://"))
         self.lost: str | None = None  # why the store stopped answering; then every call is skipped
-        self._client: Any = None  # MLflow's client, opened on first use (see `client`)
+        self._client: Any = client  # MLflow's client, opened on first use (see `client`), or shared
         self.buffer: list[Any] = []
         self.last_flush = time.monotonic()
         self.skipped = 0  # non-finite values kept out of MLflow (they break its run pages)
@@ -298,14 +299,19 @@ class Tracker(NullTracker):
 
         if self.run_id is not None:  # created already: a population's member, before its population trained
             return
-        tags = {**tags, **self.tags}  # the run's own first: the UI lists tags in creation order
-        if self.parent_run_id:
-            tags[Tag.parent] = self.parent_run_id
-        run = self.call("create_run", self.experiment_id(), run_name=run_name, tags=tags)
+        run = self.call("create_run", self.experiment_id(), run_name=run_name, tags=self.opening_tags(tags))
         self.run_id = run.info.run_id
         items = [Param(key, param_value(value)) for key, value in params.items()]
         for i in range(0, len(items), 100):  # log_batch takes at most 100 params per call
             self.call("log_batch", self.run_id, params=items[i : i + 100])
+
+    def opening_tags(self, tags: dict[str, str]) -> dict[str, str]:
+        """The tags a run is created with: its own first (the UI lists tags in creation order), then
+        the sweep's link and the parent."""
+        tags = {**tags, **self.tags}
+        if self.parent_run_id:
+            tags[Tag.parent] = self.parent_run_id
+        return tags
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
@@ -386,11 +392,13 @@ def make_tracker(
     parent_run_id: str | None = None,
     writer: bool = True,
     link: dict[str, Any] | None = None,
+    client: Any = None,
 ) -> NullTracker:
     """The run's tracker, inside a sweep in the sweep's store and experiment, under its parent run.
     `writer`: a training run records through its own writer process (bpexp/recorder.py); a run whose
     values already exist (a population's member) is written from this process. `link`: the sweep's,
-    given before its job starts (else $BPEXP_SWEEP's)."""
+    given before its job starts (else $BPEXP_SWEEP's). `client`: an open MlflowClient of that store to
+    share (a population's members: opening one costs ~50 ms)."""
     from bpexp.recorder import RecordingTracker
 
     if cfg.backend == TrackingBackend.none:
@@ -403,6 +411,6 @@ def make_tracker(
         uri, experiment, tags = resolve_uri(cfg, launch_dir), cfg.experiment, None
         check_reachable(uri)
     if not writer:
-        return Tracker(uri, experiment, parent_run_id, tags, cfg.timeout)
+        return Tracker(uri, experiment, parent_run_id, tags, cfg.timeout, client)
     history = {"history": cfg.history.value, "history_every": cfg.history_every}
     return RecordingTracker(uri, experiment, parent_run_id, tags, cfg.timeout, **history)

@@ -40,6 +40,7 @@ from bpexp.config import (
     check_override_keys,
     config_hash,
     flatten,
+    plain,
     to_config,
 )
 from bpexp.console import job_line, progress_fields, summary
@@ -220,7 +221,8 @@ def recorded(
     start = time.perf_counter()
     with sigterm_as_interrupt():
         try:
-            tracker.start(*run_start(cfg, result.name, prediction, tags))
+            if tracker.run_id is None:  # a population's member was created before its population trained
+                tracker.start(*run_start(cfg, result.name, prediction, tags))
             result.tracking_uri = tracker.uri  # the run id comes with finish(): the writer creates the run
             log.debug("run %s started (%s)", result.name, tracker.uri or "not tracked")
             loop_start = time.perf_counter()
@@ -377,7 +379,7 @@ def write_artifacts(
     out_dir = result.out_dir
     (out_dir / "plots").mkdir(exist_ok=True)
     config_path = out_dir / "config.yaml"
-    config_path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    config_path.write_text(OmegaConf.to_yaml(plain(cfg)))  # the structured node's YAML, sooner
     frame = dynamics.frame()  # built once: for the Parquet file and for the figure
     frame.to_parquet(out_dir / "dynamics.parquet", index=False)
     artifacts = [(config_path, None), (out_dir / "dynamics.parquet", None)]

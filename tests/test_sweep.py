@@ -27,7 +27,7 @@ from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from bpexp.config import config_hash, flatten, to_config
+from bpexp.config import config_hash, flatten, plain, to_config
 from bpexp.data import write_idx
 from bpexp.sweep import SweepCallback, SweepState, reset_process
 from bpexp.train import DIVERGED_OBJECTIVE
@@ -161,6 +161,18 @@ def test_config_hash_names_what_a_run_computes():
     assert config_hash(base) == config_hash(moved) == config_hash(to_config(base))
     assert config_hash(base) != config_hash(other)
     assert flatten(base) == flatten(to_config(base))
+
+
+def test_a_typed_config_flattens_as_omegaconf_gives_it():
+    """config.plain walks the dataclasses itself: the same dict, types included, for every preset."""
+    presets = sorted(path.stem for path in (Path(CONF) / "experiment").glob("*.yaml"))
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfgs = [to_config(compose("train", overrides=[f"experiment={name}"])) for name in presets]
+    cfgs[0].optim.lr, cfgs[0].model.init_gain = 1, 2  # ints where floats belong, as code may set them
+    for cfg in cfgs:
+        expected = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+        assert repr(plain(cfg)) == repr(expected)
+        assert OmegaConf.to_yaml(plain(cfg)) == OmegaConf.to_yaml(OmegaConf.structured(cfg))  # config.yaml
 
 
 STUDIES = {
