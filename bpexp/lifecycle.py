@@ -60,24 +60,42 @@ def kill_reason(interrupt: KeyboardInterrupt) -> str:
         return signum.name
     if signum == signal.SIGUSR2:
         return f"SLURM job {job}: time limit near ({signum.name}; hydra.launcher.timeout_min, signal_delay_s)"
-    state = slurm_state(os.environ["SLURM_JOB_ID"])
+    fields = slurm_fields(os.environ["SLURM_JOB_ID"])
+    state, reason = fields.get("JobState"), fields.get("Reason", "None")
     if state and not state.startswith(("RUNNING", "COMPLETING")):
-        return f"SLURM job {job} {state} ({signum.name})"
+        return f"SLURM job {job} {state}{f', {reason}' if reason != 'None' else ''} ({signum.name})"
+    if past_time_limit(fields):  # the controller signals before it marks the job TIMEOUT
+        return f"SLURM job {job} TIMEOUT ({signum.name} at its time limit, hydra.launcher.timeout_min)"
     # scancel signals the job before the controller marks it CANCELLED: the launcher says which it was
-    return f"SLURM job {job}: {signum.name} (scancel, preemption or its time limit)"
+    return f"SLURM job {job}: {signum.name} (scancel or preemption)"
 
 
-def slurm_state(job_id: str) -> str | None:
-    """`TIMEOUT`, `CANCELLED`, `RUNNING` … as the controller holds it (with its reason if it gives one)."""
+def slurm_fields(job_id: str) -> dict[str, str]:
+    """`scontrol show job`'s fields (JobState, Reason, RunTime, TimeLimit …) as the controller holds them."""
     try:
         done = subprocess.run(
             ["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=5, check=False
         )
     except (OSError, subprocess.TimeoutExpired):
-        return None
-    fields = dict(f.split("=", 1) for f in done.stdout.split() if "=" in f)
-    state, reason = fields.get("JobState"), fields.get("Reason", "None")
-    return f"{state}, {reason}" if state and reason != "None" else state
+        return {}
+    return dict(f.split("=", 1) for f in done.stdout.split() if "=" in f)
+
+
+def past_time_limit(fields: dict[str, str]) -> bool:
+    """Whether the job has run its whole TimeLimit (`[days-]hh:mm:ss`, or UNLIMITED)."""
+
+    def seconds(text: str) -> int | None:
+        days, _, clock = text.rpartition("-")
+        parts = clock.split(":")
+        if not all(p.isdigit() for p in parts) or not (days.isdigit() or not days):
+            return None  # UNLIMITED, Partition_Limit, or absent
+        total = 0
+        for part in parts:
+            total = total * 60 + int(part)
+        return total + int(days or 0) * 86400
+
+    run, limit = seconds(fields.get("RunTime", "")), seconds(fields.get("TimeLimit", ""))
+    return run is not None and limit is not None and run >= limit
 
 
 def process_alive(pid: int, started_by_ms: int | None = None) -> bool:

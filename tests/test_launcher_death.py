@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from bpexp.lifecycle import process_alive
+from bpexp.lifecycle import past_time_limit, process_alive
 from tests.conftest import cli, cli_env
 
 
@@ -93,3 +93,19 @@ def test_killed_joblib_launcher_stops_its_workers_and_the_report_closes_the_swee
     assert f"launcher process {launcher.pid}" in parent.data.tags["bpexp.killed_by"]
     assert "killed" in parent.data.tags["bpexp.summary"]
     print(f"workers {sorted(workers)} gone {stopped:.1f} s after the launcher's SIGKILL")
+
+
+@pytest.mark.parametrize(
+    ("run", "limit", "past"),
+    [
+        ("00:02:00", "00:02:00", True),
+        ("00:01:59", "00:02:00", False),
+        ("1-00:00:01", "1-00:00:00", True),
+        ("2-00:00:00", "UNLIMITED", False),
+        ("00:00:30", "Partition_Limit", False),
+        ("", "00:01:00", False),
+    ],
+)
+def test_a_sigterm_at_the_time_limit_is_told_from_scancel_by_the_jobs_run_time(run, limit, past):
+    """SLURM signals a job at its limit before marking it TIMEOUT: RunTime ≥ TimeLimit tells it apart."""
+    assert past_time_limit({"RunTime": run, "TimeLimit": limit}) is past
