@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import secrets
 from collections import defaultdict
 from collections.abc import Callable
@@ -74,14 +75,20 @@ def populations(cfgs: dict[int, Config], max_members: int) -> list[list[int]]:
     return [ids[i : i + max_members] for ids in groups.values() for i in range(0, len(ids), max_members)]
 
 
-def train_jobs(jobs: list[Job], launch_dir: Path, device: str = "auto") -> dict[int, Trained | Exception]:
+def train_jobs(
+    jobs: list[Job], launch_dir: Path, device: str = "auto", threads: int = 0
+) -> dict[int, Trained | Exception]:
     """Train one population's jobs; their runs exist from before training to the end, whatever happens.
-    An exception before the runs exist is each job's to raise (bpexp.sweep records it FAILED)."""
+    An exception before the runs exist is each job's to raise (bpexp.sweep records it FAILED).
+
+    The population is the process's one computation, so it takes `threads` torch threads, by default
+    every core the process may use: its members' train.threads say so in their runs."""
     tags = {Tag.population: f"{jobs[0].num}-{secrets.token_hex(3)}", Tag.population_size: str(len(jobs))}
     for job in jobs:
         name_in_sweep(job.cfg, job.overrides)
         if device != "auto":
             job.cfg.device = Device(device)
+        job.cfg.train.threads = threads or usable_cores()
     try:
         population = Population([job.cfg for job in jobs])
         trackers = open_runs(jobs, population.members, launch_dir, tags)
@@ -100,6 +107,11 @@ def train_jobs(jobs: list[Job], launch_dir: Path, device: str = "auto") -> dict[
         job.num: Trained(job.cfg, member.result, member.dynamics, member.prediction, tracker, tags, error)
         for job, member, tracker in zip(jobs, population.members, trackers, strict=True)
     }
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: a SLURM job's cpus_per_task, else its CPU affinity."""
+    return int(os.environ.get("SLURM_CPUS_PER_TASK") or len(os.sched_getaffinity(0)))
 
 
 def open_runs(

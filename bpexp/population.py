@@ -46,7 +46,7 @@ from bpexp.probes import (
 )
 from bpexp.result import RunResult
 from bpexp.theory import Prediction, predict
-from bpexp.train import minibatches, resolve_device, run_name
+from bpexp.train import minibatch_indices, resolve_device, run_name
 
 # What members of one population may differ in: numbers and seeds. Everything else is the shape and
 # the step plan they share (and tracking.* / sweep.*, which say where a run is recorded, not what it is).
@@ -83,7 +83,6 @@ class Member:
 
     cfg: Config
     data: Dataset
-    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
     generator: torch.Generator  # dropout masks, drawn as the lone run draws them from the global RNG
     prediction: Prediction | None  # theory.py's, logged as the lone run logs it
     result: RunResult = field(default_factory=RunResult)
@@ -128,8 +127,7 @@ class Population:
             prediction = predict(
                 member_cfg.model, data.in_dim, data.out_dim, float(data.x_train.pow(2).mean())
             )
-            batches = minibatches(data, cfg.train.batch_size, member_cfg.seed)
-            member = Member(member_cfg, data, batches, generator, prediction)
+            member = Member(member_cfg, data, generator, prediction)
             member.result.name = run_name(member_cfg)
             self.members.append(member)
             nets.append(net)
@@ -144,6 +142,11 @@ class Population:
         self.classification = self.members[0].data.classification
         self.loss_kind = resolve_loss(cfg.train.loss, self.classification)
         self.x_val = torch.stack([m.data.x_val for m in self.members])
+        self.x_train = torch.stack([m.data.x_train for m in self.members])  # (M, n, in): one gather a step
+        self.y_train = torch.stack([m.data.y_train for m in self.members])
+        seeds = [m.cfg.seed for m in self.members]
+        self.batch_rows = minibatch_indices(len(self.x_train[0]), cfg.train.batch_size, seeds, self.device)
+        self.row_offsets = torch.arange(self.M, device=self.device)[:, None] * self.x_train.shape[1]
         self.y_val = torch.stack([m.data.y_val for m in self.members])
         self.optimizer = PopulationOptimizer(
             self.parameters(), [m.cfg for m in self.members], cfg.train.steps
@@ -349,8 +352,13 @@ class Population:
         return [dict(zip(columns, row, strict=True)) for row in values]
 
     def next_batches(self) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = zip(*(next(m.batches) for m in self.members), strict=True)
-        return torch.stack(xs), torch.stack(ys)
+        """Every member's next minibatch, the rows its lone run draws, gathered in one indexing."""
+        rows = next(self.batch_rows)
+        if rows is None:
+            return self.x_train, self.y_train
+        flat = (rows + self.row_offsets).flatten()  # into the members' training sets laid end to end
+        x, y = (t.flatten(0, 1).index_select(0, flat) for t in (self.x_train, self.y_train))
+        return x.view(*rows.shape, *x.shape[1:]), y.view(*rows.shape, *y.shape[1:])
 
     # ------------------------------------------------------------------------------------------- loop
     def train(self) -> list[RunResult]:
@@ -464,9 +472,21 @@ class PopulationOptimizer:
         self.unit = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         self.schedule = build_schedule(first.schedule, self.unit, steps)
 
-    def coefficient(self, values: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """(M,) float64 -> (M, 1, …) in the parameter's dtype, broadcasting over one member's tensor."""
-        return values.to(p.dtype).view(-1, *[1] * (p.dim() - 1))
+    def coefficients(self, lr: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+        """This step's per-member coefficients, each (M,) in float64 as Python computes torch's scalars,
+        converted once to the parameters' dtype and shaped (M, 1, …) for each parameter rank."""
+        values = {"lr": lr, "wd": self.weight_decay, "momentum": self.momentum}
+        if self.decays:
+            values["lr_wd"] = lr * self.weight_decay
+        if self.kind in (OptimName.adam, OptimName.adamw):
+            values["1-beta1"], values["beta2"], values["1-beta2"] = 1 - self.beta1, self.beta2, 1 - self.beta2
+            values["step_size"] = lr / (1 - self.beta1**self.t)
+            values["bias_correction2_sqrt"] = (1 - self.beta2**self.t) ** 0.5
+        columns = torch.stack(list(values.values())).to(self.dtype)  # (k, M): one conversion a step
+        return {
+            rank: dict(zip(values, columns.view(len(values), -1, *[1] * (rank - 1)), strict=True))
+            for rank in {p.dim() for p in self.params}
+        }
 
     @torch.no_grad()
     def clip_gradients(self) -> None:
@@ -476,59 +496,57 @@ class PopulationOptimizer:
         total = torch.linalg.vector_norm(torch.stack(per_tensor, 1), dim=1)  # (M,)
         scale = (self.clip.to(total.dtype) / (total + 1e-6)).clamp(max=1.0)
         for g in grads:
-            g.mul_(self.coefficient(scale, g))
+            g.mul_(scale.view(-1, *[1] * (g.dim() - 1)))
 
     @torch.no_grad()
     def step(self, active: torch.Tensor) -> None:
         if self.clip is not None:
             self.clip_gradients()
         self.t += 1
-        lr = self.lr * self.unit.param_groups[0]["lr"]  # (M,) float64
+        coefficients = self.coefficients(self.lr * self.unit.param_groups[0]["lr"])
+        frozen = not bool(active.all())
         for p, state in zip(self.params, self.state, strict=True):
-            before = p.detach().clone() if not bool(active.all()) else None
-            self.update(p, p.grad, state, lr)
+            before = p.detach().clone() if frozen else None
+            self.update(p, p.grad, state, coefficients[p.dim()])
             if before is not None:  # a frozen member keeps its parameters: its run ended there
-                p.copy_(torch.where(self.coefficient(active, p).bool(), p, before))
+                p.copy_(torch.where(active.view(-1, *[1] * (p.dim() - 1)), p, before))
         self.unit.step()  # no gradient: moves nothing, keeps the scheduler's order check quiet
         self.schedule.step()
 
-    def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], lr: torch.Tensor):
-        c = lambda values: self.coefficient(values, p)  # noqa: E731
-        kind, wd = self.kind, c(self.weight_decay)
+    def update(self, p: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], c: dict):
+        """One parameter's update, c: this step's coefficients at its rank (see `coefficients`)."""
+        kind = self.kind
         if kind == OptimName.adamw:
             if self.decays:
-                p.mul_(1 - c(lr * self.weight_decay))
+                p.mul_(1 - c["lr_wd"])
         elif self.decays:
-            grad = grad + wd * p
+            grad = grad + c["wd"] * p
         match kind:
             case OptimName.sgd:
-                p.sub_(c(lr) * grad)
+                p.sub_(c["lr"] * grad)
             case OptimName.momentum | OptimName.nesterov:
-                momentum = c(self.momentum)
+                momentum = c["momentum"]
                 if "buf" not in state:
                     buf = state["buf"] = grad.clone()
                 else:
                     buf = state["buf"].mul_(momentum).add_(grad)
                 grad = grad + momentum * buf if kind == OptimName.nesterov else buf
-                p.sub_(c(lr) * grad)
+                p.sub_(c["lr"] * grad)
             case OptimName.adam | OptimName.adamw:
                 if "exp_avg" not in state:
                     state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
-                beta1, beta2 = self.beta1, self.beta2
-                state["exp_avg"].lerp_(grad, c(1 - beta1))
-                state["exp_avg_sq"].mul_(c(beta2)).add_(c(1 - beta2) * grad * grad)
-                step_size = lr / (1 - beta1**self.t)
-                bias_correction2_sqrt = (1 - beta2**self.t) ** 0.5
-                denom = (state["exp_avg_sq"].sqrt() / c(bias_correction2_sqrt)).add_(ADAM_EPS)
-                p.sub_(c(step_size) * (state["exp_avg"] / denom))
+                state["exp_avg"].lerp_(grad, c["1-beta1"])
+                state["exp_avg_sq"].mul_(c["beta2"]).add_(c["1-beta2"] * grad * grad)
+                denom = (state["exp_avg_sq"].sqrt() / c["bias_correction2_sqrt"]).add_(ADAM_EPS)
+                p.sub_(c["step_size"] * (state["exp_avg"] / denom))
             case OptimName.rmsprop:
                 square_avg = state.setdefault("square_avg", torch.zeros_like(p))
                 square_avg.mul_(RMSPROP_ALPHA).addcmul_(grad, grad, value=1 - RMSPROP_ALPHA)
-                p.sub_(c(lr) * (grad / square_avg.sqrt().add_(RMSPROP_EPS)))
+                p.sub_(c["lr"] * (grad / square_avg.sqrt().add_(RMSPROP_EPS)))
             case OptimName.adagrad:
                 total = state.setdefault("sum", torch.zeros_like(p))
                 total.addcmul_(grad, grad, value=1)
-                p.sub_(c(lr) * (grad / total.sqrt().add_(ADAGRAD_EPS)))
+                p.sub_(c["lr"] * (grad / total.sqrt().add_(ADAGRAD_EPS)))
 
 
 class PopulationProbes:

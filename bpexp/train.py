@@ -404,16 +404,27 @@ def minibatches(
     data: Dataset, batch_size: int | None, seed: int
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Shuffled minibatches, epoch after epoch, from their own generator (init and dropout keep theirs)."""
-    n = len(data.x_train)
+    for index in minibatch_indices(len(data.x_train), batch_size, [seed], data.x_train.device):
+        if index is None:
+            yield data.x_train, data.y_train
+        else:
+            yield data.x_train[index[0]], data.y_train[index[0]]
+
+
+def minibatch_indices(
+    n: int, batch_size: int | None, seeds: list[int], device: torch.device
+) -> Iterator[torch.Tensor | None]:
+    """Each seed's minibatch rows (len(seeds), batch_size), from a shuffled order per epoch drawn by the
+    seed's own generator; None when a batch is the whole training set. A population's members (one seed
+    each) get exactly the rows their lone runs get."""
     if batch_size is None or batch_size >= n:
         while True:
-            yield data.x_train, data.y_train
-    g = torch.Generator().manual_seed(seed + 1)
+            yield None
+    generators = [torch.Generator().manual_seed(seed + 1) for seed in seeds]
     while True:
-        order = torch.randperm(n, generator=g).to(data.x_train.device)
+        orders = torch.stack([torch.randperm(n, generator=g) for g in generators]).to(device)
         for i in range(0, n - batch_size + 1, batch_size):
-            index = order[i : i + batch_size]
-            yield data.x_train[index], data.y_train[index]
+            yield orders[:, i : i + batch_size]
 
 
 def loss_fn(data: Dataset, out: torch.Tensor, y: torch.Tensor, loss: Loss = Loss.auto) -> torch.Tensor:

@@ -106,3 +106,45 @@ def test_optuna_batches_of_n_jobs_trials_train_as_populations(tmp_path):
     )
     assert result.best_params["optim.lr"] == float(best.data.params["optim.lr"])
     assert result.best_value == pytest.approx(best.data.metrics["val/loss"])
+
+
+def test_the_launchers_compositions_equal_hydras():
+    """Jobs that differ in values only are composed by copying a composed job and setting the values;
+    every job's config equals Hydra's own composition, whatever its overrides (groups, presets, `++`,
+    lists, `+`), and a value that does not compose fails as in Hydra."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import ConfigCompositionException
+    from hydra.types import RunMode
+
+    from hydra_plugins.bpexp_batched_launcher.batched_launcher import SweepComposer
+
+    jobs = [
+        ["seed=0"],
+        ["seed=1"],
+        ["experiment=vanishing", "seed=0", "optim.lr=0.1"],
+        ["experiment=vanishing", "seed=5", "optim.lr=0.3"],
+        ["model.activation=tanh", "seed=2"],
+        ["model.activation=relu", "seed=3"],
+        ["optim=sgd", "seed=1"],
+        ["optim=sgd", "seed=2"],
+        ["++train.steps=7", "seed=1"],
+        ["++train.steps=9", "seed=4"],
+        ["optim.betas=[0.8,0.9]", "seed=1"],
+        ["optim.betas=[0.7,0.9]", "seed=1"],
+        ["+extra=1", "seed=1"],
+        ["+extra=2", "seed=1"],
+    ]
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        loader = GlobalHydra.instance().config_loader()
+        master = loader.load_configuration("train", ["hydra/launcher=batched"], run_mode=RunMode.MULTIRUN)
+        hydras = loader.load_sweep_config
+        composer = SweepComposer(loader)
+        for overrides in jobs:
+            want = OmegaConf.to_yaml(hydras(master, overrides))
+            assert OmegaConf.to_yaml(composer.load_sweep_config(master, overrides)) == want, overrides
+        assert len(composer.templates) == 9  # composed by Hydra: the first of each kind
+        for bad in (["seed=abc"], ["model.activation=relux"]):
+            with pytest.raises(ConfigCompositionException):
+                composer.load_sweep_config(master, bad)

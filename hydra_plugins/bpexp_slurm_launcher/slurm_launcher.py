@@ -168,6 +168,7 @@ class BatchedSlurmConf(BpexpSlurmConf):
     _target_: str = "hydra_plugins.bpexp_slurm_launcher.slurm_launcher.BatchedSlurmLauncher"
     max_members: int = 4096  # members per population, so per SLURM job, at most (memory)
     device: str = "auto"  # auto: each job's own `device`; cpu or cuda: every population there
+    threads: int = 0  # torch threads of a population; 0: the job's cpus_per_task
 
 
 ConfigStore.instance().store(
@@ -179,8 +180,8 @@ class BatchedSlurmLauncher(BatchedLauncher):
     """hydra/launcher=batched_slurm: the batched launcher's populations, each trained and recorded in
     its own SLURM job, submitted, waited for and cancelled as hydra/launcher=slurm's jobs are."""
 
-    def __init__(self, max_members: int = 4096, device: str = "auto", **slurm: Any) -> None:
-        super().__init__(max_members, device)
+    def __init__(self, max_members: int = 4096, device: str = "auto", threads: int = 0, **slurm: Any) -> None:
+        super().__init__(max_members, device, threads)
         self.slurm = BpexpSlurmLauncher(**slurm)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
