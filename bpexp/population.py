@@ -68,6 +68,7 @@ log = logging.getLogger("bpexp.population")
 # torch's defaults for the coefficients bpexp's configs do not set (optim.py builds with these).
 ADAM_EPS, RMSPROP_ALPHA, RMSPROP_EPS, ADAGRAD_EPS = 1e-8, 0.99, 1e-8, 1e-10
 BATCHNORM_MOMENTUM, NORM_EPS = 0.1, 1e-5
+JACOBIAN_CHUNK = 16  # members whose input-output Jacobians are taken at once
 
 
 def group_key(cfg: Config) -> str:
@@ -390,6 +391,7 @@ class Population:
             if probing:
                 probes.read(step_pass, y)
                 self.instruments.read_noise(step_pass)
+            del step_pass  # its δ and activations, held into the next step's pass, were the peak memory
             if cfg.probes.gradcheck_every and step % cfg.probes.gradcheck_every == 0:
                 for m, member in enumerate(members):
                     if member.active:
@@ -583,15 +585,15 @@ class PopulationProbes:
         self.before = [w.detach().clone() for w in pop.weights]
 
     def activation_stats(self, activations: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        std, mean = torch.std_mean(activations[-1].to(F64), dim=(1, 2))  # (M,)
-        stats = {Quantity.act_mean: mean.unsqueeze(1), Quantity.act_std: std.unsqueeze(1)}
-        if len(activations) == 1:
-            return stats
-        hidden = torch.stack(activations[:-1], 1).to(F64)  # (M, L-1, batch, width)
-        std, mean = torch.std_mean(hidden, dim=(2, 3))
-        stats[Quantity.act_mean] = torch.cat([mean, stats[Quantity.act_mean]], 1)
-        stats[Quantity.act_std] = torch.cat([std, stats[Quantity.act_std]], 1)
-        stats.update(unit_shares(self.activation, hidden, batch_dim=2))
+        """Probes.activation_stats layer by layer: one layer of every member in float64 at a time."""
+        per_layer = [torch.std_mean(a.to(F64), dim=(1, 2)) for a in activations]  # (std, mean) (M,) each
+        stats = {
+            Quantity.act_mean: torch.stack([mean for _, mean in per_layer], 1),
+            Quantity.act_std: torch.stack([std for std, _ in per_layer], 1),
+        }
+        shares = [unit_shares(self.activation, h.to(F64).unsqueeze(1), batch_dim=2) for h in activations[:-1]]
+        for name in shares[0] if shares else ():
+            stats[name] = torch.cat([layer[name] for layer in shares], 1)  # (M, L-1)
         return stats
 
     @torch.no_grad()
@@ -720,15 +722,22 @@ class PopulationInstruments:
                     member.record(row, step)
 
     def jacobian(self) -> list[dict[str, float]]:
-        pop = self.population
-        weights = [w.detach() for w in pop.weights]
-        biases = [b.detach() for b in pop.biases]
-        spectrum = instruments.jacobian_spectrum(
-            weights, biases, pop.cfg.model.activation, self.jacobian_x, pop.cfg.model.residual
-        )
-        metrics = spectrum.metrics()
-        columns = torch.stack(list(metrics.values()), 1).cpu().tolist()  # (M, keys): one sync
-        return [dict(zip(metrics, row, strict=True)) for row in columns]
+        """Every member's spectrum, JACOBIAN_CHUNK members at a time: the float64 chains of a whole
+        population would be its largest tensors."""
+        pop, chunks = self.population, []
+        for m in range(0, pop.M, JACOBIAN_CHUNK):
+            members = slice(m, m + JACOBIAN_CHUNK)
+            spectrum = instruments.jacobian_spectrum(
+                [w.detach()[members] for w in pop.weights],
+                [b.detach()[members] for b in pop.biases],
+                pop.cfg.model.activation,
+                self.jacobian_x[members],
+                pop.cfg.model.residual,
+            )
+            chunks.append(torch.stack(list(spectrum.metrics().values()), 1))
+        keys = spectrum.metrics()
+        columns = torch.cat(chunks).cpu().tolist()  # (M, keys): one sync
+        return [dict(zip(keys, row, strict=True)) for row in columns]
 
     def sharpness(self, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, float]]:
         """Every member's top Hessian eigenvalue on its own batch, from the same start as its lone run."""
