@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from bpexp.config import config_hash, flatten, plain, to_config
 from bpexp.data import write_idx
 from bpexp.sweep import SweepCallback, SweepState, reset_process
-from bpexp.train import DIVERGED_OBJECTIVE
+from bpexp.train import DIVERGED_OBJECTIVE, config_yaml
 
 TINY = {"model": {"depth": 2, "width": 8}, "train": {"steps": 10, "eval_every": 5}, "probes": {"every": 5}}
 SIX = "experiment=ok0,ok1,ok2,ok3,diverge,corrupt"
@@ -164,7 +164,8 @@ def test_config_hash_names_what_a_run_computes():
 
 
 def test_a_typed_config_flattens_as_omegaconf_gives_it():
-    """config.plain walks the dataclasses itself: the same dict, types included, for every preset."""
+    """config.plain walks the dataclasses itself: the same dict, types included, for every preset; and
+    train.config_yaml writes it as OmegaConf would."""
     presets = sorted(path.stem for path in (Path(CONF) / "experiment").glob("*.yaml"))
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfgs = [to_config(compose("train", overrides=[f"experiment={name}"])) for name in presets]
@@ -172,7 +173,7 @@ def test_a_typed_config_flattens_as_omegaconf_gives_it():
     for cfg in cfgs:
         expected = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
         assert repr(plain(cfg)) == repr(expected)
-        assert OmegaConf.to_yaml(plain(cfg)) == OmegaConf.to_yaml(OmegaConf.structured(cfg))  # config.yaml
+        assert config_yaml(cfg) == OmegaConf.to_yaml(OmegaConf.structured(cfg))  # config.yaml
 
 
 STUDIES = {
