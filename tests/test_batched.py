@@ -7,6 +7,7 @@ process (with deadlines), never on a fixed sleep.
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -148,3 +149,18 @@ def test_the_launchers_compositions_equal_hydras():
         for bad in (["seed=abc"], ["model.activation=relux"]):
             with pytest.raises(ConfigCompositionException):
                 composer.load_sweep_config(master, bad)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"max_members": 0}, "hydra.launcher.max_members=0 is not allowed: an integer ≥ 1"),
+        ({"device": "tpu"}, "hydra.launcher.device='tpu' is not allowed: one of auto, cpu, cuda"),
+        ({"threads": -1}, "hydra.launcher.threads=-1 is not allowed: 0 (every core) or ≥ 1"),
+    ],
+)
+def test_a_bad_launcher_setting_names_its_key_and_the_allowed_values(setting, message):
+    from hydra_plugins.bpexp_batched_launcher.batched_launcher import BatchedLauncher
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BatchedLauncher(**setting)
