@@ -143,12 +143,12 @@ class Population:
         self.classification = self.members[0].data.classification
         self.loss_kind = resolve_loss(cfg.train.loss, self.classification)
         self.x_val = torch.stack([m.data.x_val for m in self.members])
+        self.y_val = torch.stack([m.data.y_val for m in self.members])
         self.x_train = torch.stack([m.data.x_train for m in self.members])  # (M, n, in): one gather a step
         self.y_train = torch.stack([m.data.y_train for m in self.members])
         seeds = [m.cfg.seed for m in self.members]
         self.batch_rows = minibatch_indices(len(self.x_train[0]), cfg.train.batch_size, seeds, self.device)
         self.row_offsets = torch.arange(self.M, device=self.device)[:, None] * self.x_train.shape[1]
-        self.y_val = torch.stack([m.data.y_val for m in self.members])
         self.optimizer = PopulationOptimizer(
             self.parameters(), [m.cfg for m in self.members], cfg.train.steps
         )
