@@ -35,10 +35,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def sweep_seconds(launcher: str, seeds: int, folder: Path) -> float:
+    """The whole command in a folder of its own: each creates its own store, as a new user's would."""
     command = [sys.executable, "-m", "bpexp.train", "-m", f"hydra/launcher={launcher}"]
-    command += [f"seed=range({seeds})", f"hydra.sweep.dir={folder}/{launcher}"]
+    command.append(f"seed=range({seeds})")
+    (folder / launcher).mkdir()
     start = time.perf_counter()
-    subprocess.run(command, cwd=folder, check=True, capture_output=True)
+    subprocess.run(command, cwd=folder / launcher, check=True, capture_output=True)
     return time.perf_counter() - start
 
 
