@@ -88,3 +88,16 @@ def test_idx_header_is_checked(tmp_path):
     short.write_bytes(bytes([0, 0, 8, 1, 0, 0, 0, 9, 1, 2]))
     with pytest.raises(ValueError, match="header says"):
         read_idx(short)
+
+
+def test_digits_are_read_as_scikit_learn_loads_them():
+    """bpexp reads the bundled file itself (importing sklearn.datasets costs a run ~1 s): same arrays."""
+    from sklearn.datasets import load_digits
+
+    from bpexp.data import digits_arrays
+
+    x, y = digits_arrays()
+    expected_x, expected_y = load_digits(return_X_y=True)
+    np.testing.assert_array_equal(x, expected_x)
+    np.testing.assert_array_equal(y, expected_y)
+    assert x.dtype == expected_x.dtype and y.dtype.kind == expected_y.dtype.kind == "i"
