@@ -40,6 +40,8 @@ from bpexp.probes import (
     diagnose,
     jacobian_theory,
     jacobian_unsupported,
+    noise_batch,
+    noise_columns,
     noise_unsupported,
     row_metrics,
     unit_shares,
@@ -667,27 +669,16 @@ class PopulationInstruments:
             delta, inputs = self.layer_signals(*self.noise_examples())
         noise = instruments.gradient_noise(delta, inputs)  # fields (M, L)
         total = noise.total()
-        smoothed = self.smoothed.update(total["trace_sigma"], total["grad_sq"])
-        probes = pop.probes
-        probes.pending |= {Quantity.grad_noise: noise.trace_sigma, Quantity.gns: noise.noise_scale}
-        probes.pending[Quantity.gsnr] = noise.gsnr
-        probes.scalars |= {
-            Metric.grad_noise_total: total["trace_sigma"],
-            Metric.gns_total: total["noise_scale"],
-            Metric.gsnr_total: total["gsnr"],
-            Metric.gns_smoothed: smoothed,
-        }
+        per_layer, scalars = noise_columns(
+            noise, self.smoothed.update(total["trace_sigma"], total["grad_sq"])
+        )
+        pop.probes.pending |= per_layer
+        pop.probes.scalars |= scalars
 
     def noise_examples(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each member's probes.noise_batch examples, drawn as its lone run draws them: (M, N, …)."""
-        n, picked = self.cfg.noise_batch, []
-        for member, generator in zip(self.population.members, self.generators, strict=True):
-            x, y = member.data.x_train, member.data.y_train
-            if n == 0 or n >= len(x):
-                picked.append((x, y))
-                continue
-            index = torch.randperm(len(x), generator=generator, device=x.device)[:n]
-            picked.append((x[index], y[index]))
+        members = zip(self.population.members, self.generators, strict=True)
+        picked = [noise_batch(self.cfg.noise_batch, m.data.x_train, m.data.y_train, g) for m, g in members]
         xs, ys = zip(*picked, strict=True)
         return torch.stack(xs), torch.stack(ys)
 

@@ -91,19 +91,9 @@ class Probes:
     @torch.no_grad()
     def read_noise(self, noise: instruments.GradientNoise, smoothed: torch.Tensor) -> None:
         """Per-example gradient statistics, taken in the same host sync as the rest (call after read)."""
-        self.pending |= {
-            Quantity.grad_noise: noise.trace_sigma,
-            Quantity.gns: noise.noise_scale,
-            Quantity.gsnr: noise.gsnr,
-        }
-        total = noise.total()
-        for key, value in (
-            (Metric.grad_noise_total, total["trace_sigma"]),
-            (Metric.gns_total, total["noise_scale"]),
-            (Metric.gsnr_total, total["gsnr"]),
-            (Metric.gns_smoothed, smoothed),
-        ):
-            self.scalars[key] = value.reshape(1)
+        per_layer, scalars = noise_columns(noise, smoothed)
+        self.pending |= per_layer
+        self.scalars |= {key: value.reshape(1) for key, value in scalars.items()}
 
     def activation_stats(self, activations: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Mean, spread, saturation and dead share of a^(1) … a^(L) over the batch."""
@@ -273,12 +263,7 @@ class Instruments:
     def noise_examples(self, x_train: torch.Tensor, y_train: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """probes.noise_batch's examples: None = the step's minibatch, 0 = all, N = N drawn for this probe."""
         n = self.cfg.noise_batch
-        if n is None:
-            return None
-        if n == 0 or n >= len(x_train):
-            return x_train, y_train
-        index = torch.randperm(len(x_train), generator=self.generator, device=x_train.device)[:n]
-        return x_train[index], y_train[index]
+        return None if n is None else noise_batch(n, x_train, y_train, self.generator)
 
     def gradient_noise(
         self, delta: list[torch.Tensor], inputs: list[torch.Tensor]
@@ -326,6 +311,36 @@ class Instruments:
                     b.copy_(saved)
         self.eigenvector = [v.detach() for v in found.vector]
         return {Metric.sharpness_top: float(found.top), Metric.sharpness_two_over_lr: 2.0 / lr}
+
+
+def noise_columns(
+    noise: instruments.GradientNoise, smoothed: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One probe's gradient noise as the probes' columns: per layer (…, L) and scalars (…), leading
+    dimensions (a population's members) kept."""
+    total = noise.total()
+    per_layer = {
+        Quantity.grad_noise: noise.trace_sigma,
+        Quantity.gns: noise.noise_scale,
+        Quantity.gsnr: noise.gsnr,
+    }
+    scalars = {
+        Metric.grad_noise_total: total["trace_sigma"],
+        Metric.gns_total: total["noise_scale"],
+        Metric.gsnr_total: total["gsnr"],
+        Metric.gns_smoothed: smoothed,
+    }
+    return per_layer, scalars
+
+
+def noise_batch(
+    n: int, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """probes.noise_batch = n's examples: all of them for 0 (or n ≥ their number), else n drawn."""
+    if n == 0 or n >= len(x):
+        return x, y
+    index = torch.randperm(len(x), generator=generator, device=x.device)[:n]
+    return x[index], y[index]
 
 
 def by_hand(model: MLP) -> bool:
