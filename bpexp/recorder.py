@@ -60,6 +60,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -153,8 +154,7 @@ class SqliteMetrics:
             metrics.append((key, value, timestamp, self.run_id, step, is_nan))
             if key not in latest or (step, timestamp, value) > latest[key][2::-1]:
                 latest[key] = (value, timestamp, step, is_nan)
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with immediate(self.db):
             self.db.executemany(
                 "INSERT OR IGNORE INTO metrics (key, value, timestamp, run_uuid, step, is_nan)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -168,10 +168,19 @@ class SqliteMetrics:
                 " > (latest_metrics.step, latest_metrics.timestamp, latest_metrics.value)",
                 [(key, *latest[key], self.run_id) for key in latest],
             )
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+
+
+@contextlib.contextmanager
+def immediate(db: sqlite3.Connection) -> Iterator[None]:
+    """One write transaction on an SQLite connection (isolation_level=None): committed whole, or
+    rolled back whole."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 def schema_revision(path: str) -> str | None:

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from bpexp.recorder import LOCK_TIMEOUT, SCHEMA_REVISION, SqliteMetrics, schema_revision
+from bpexp.recorder import LOCK_TIMEOUT, SCHEMA_REVISION, SqliteMetrics, immediate, schema_revision
 from bpexp.tracking import NullTracker, Tracker, param_value
 
 RUN_NAME_TAG = "mlflow.runName"  # MLflow's tag for the run's name, added by create_run
@@ -102,17 +102,13 @@ def insert_runs(bulk: list[tuple[Tracker, Start]]) -> list[NullTracker]:
 @contextlib.contextmanager
 def transaction(uri: str) -> Iterator[sqlite3.Connection]:
     """One write transaction on an SQLite store: committed whole, or rolled back whole."""
-    db = sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=LOCK_TIMEOUT, isolation_level=None)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-    finally:
-        db.close()
+    with (
+        contextlib.closing(
+            sqlite3.connect(uri.removeprefix("sqlite:///"), timeout=LOCK_TIMEOUT, isolation_level=None)
+        ) as db,
+        immediate(db),
+    ):
+        yield db
 
 
 def local_folder(artifact_uri: str) -> Path | None:
