@@ -18,17 +18,13 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
 from bpexp.data import write_idx
-from tests.conftest import cli, cli_env
-from tests.test_launcher_death import until
+from tests.conftest import cli, cli_env, store_runs, until
 
 TINY = ["model.depth=2", "model.width=8", "hydra/launcher=batched"]
 
 
 def children(store: str, experiment: str = "bpexp") -> list:
-    client = MlflowClient(store)
-    found = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([found.experiment_id]) if found else []
-    return [r for r in runs if r.data.tags.get("bpexp.role") != "sweep"]
+    return [r for r in store_runs(store, experiment) if r.data.tags.get("bpexp.role") != "sweep"]
 
 
 @pytest.mark.slow
@@ -41,7 +37,7 @@ def test_sigterm_mid_training_ends_every_member_killed(tmp_path):
     )
     try:
         # Created before training, so all three exist while the population trains.
-        until(lambda: len(children(store)) == 3, 120, "no member runs in the store")
+        until(lambda: len(children(store)) == 3, 300, "no member runs in the store", sweep)
         sweep.send_signal(signal.SIGTERM)
         out, err = sweep.communicate(timeout=60)
     finally:

@@ -12,25 +12,13 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from bpexp.lifecycle import past_time_limit, process_alive
-from tests.conftest import cli, cli_env
-
-
-def until(condition: Callable[[], object], seconds: float, what: str) -> object:
-    """Poll `condition` until it holds; fail naming `what` after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"after {seconds} s: {what}")
+from tests.conftest import cli, cli_env, store_runs, until
 
 
 def descendants(pid: int) -> set[int]:
@@ -49,12 +37,6 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
-def runs(store: str) -> list:
-    client = MlflowClient(store)
-    experiment = client.get_experiment_by_name("bpexp")
-    return client.search_runs([experiment.experiment_id]) if experiment else []
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the workers through /proc")
 def test_killed_joblib_launcher_stops_its_workers_and_the_report_closes_the_sweep(tmp_path):
@@ -66,7 +48,10 @@ def test_killed_joblib_launcher_stops_its_workers_and_the_report_closes_the_swee
         command, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
     )
     try:
-        until(lambda: any(r.data.tags.get("bpexp.job") for r in runs(store)), 90, "no job's run in the store")
+        # Two fresh joblib workers import torch and MLflow before a job's run exists: ~20 s here, more
+        # when the other test worker loads the machine.
+        first_run = lambda: any(r.data.tags.get("bpexp.job") for r in store_runs(store))  # noqa: E731
+        until(first_run, 300, "no job's run in the store", launcher)
         workers = descendants(launcher.pid)
         os.kill(launcher.pid, signal.SIGKILL)
         launcher.wait(timeout=30)
@@ -77,11 +62,11 @@ def test_killed_joblib_launcher_stops_its_workers_and_the_report_closes_the_swee
     started = time.monotonic()
     until(lambda: not any(process_alive(pid) for pid in workers), 60, f"workers {workers} still alive")
     stopped = time.monotonic() - started
-    children = [r for r in runs(store) if r.data.tags.get("bpexp.role") != "sweep"]
+    children = [r for r in store_runs(store) if r.data.tags.get("bpexp.role") != "sweep"]
     assert children and {(r.info.status, r.data.tags["bpexp.outcome"]) for r in children} == {
         ("KILLED", "killed")
     }
-    parent = next(r for r in runs(store) if r.data.tags.get("bpexp.role") == "sweep")
+    parent = next(r for r in store_runs(store) if r.data.tags.get("bpexp.role") == "sweep")
     assert parent.info.status == "RUNNING"  # nothing has read the store since the launcher died
 
     report = [sys.executable, "-m", "bpexp.report", "--tracking-uri", store, "--out-dir", str(tmp_path / "r")]
