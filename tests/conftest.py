@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -45,6 +46,13 @@ def cli(*args: str) -> list[str]:
 def cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     return {**env, "PYTHONUNBUFFERED": "1"}
+
+
+def as_in_a_terminal() -> None:
+    """preexec_fn for a command the test stops with Ctrl-C: SIGINT at its default, as a terminal's
+    foreground job has it. A CI runner or a shell's background job may start the tests with SIGINT
+    ignored, a child inherits that, and Python then never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def until(

@@ -5,7 +5,7 @@ import sqlite3
 import subprocess
 
 import pytest
-from conftest import cli, cli_env
+from conftest import as_in_a_terminal, cli, cli_env
 from mlflow.tracking import MlflowClient
 
 pytestmark = pytest.mark.slow
@@ -73,6 +73,7 @@ def test_sigterm_or_ctrl_c_ends_the_run_killed_in_one_line(tmp_path, signum, by)
         text=True,
         env=cli_env(),
         cwd=tmp_path,
+        preexec_fn=as_in_a_terminal,
     )
     for line in proc.stdout:  # wait for the first step (the run exists), then stop it as a scheduler does
         if "/10000000 steps" in line:

@@ -10,7 +10,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import cli, cli_env
+from conftest import as_in_a_terminal, cli, cli_env
 from mlflow.tracking import MlflowClient
 
 from bpexp.recorder import (
@@ -149,6 +149,7 @@ def start_trainer(tmp_path, store: str) -> subprocess.Popen:
         env=cli_env(),
         cwd=tmp_path,
         start_new_session=True,  # its own process group, as a terminal's job is
+        preexec_fn=as_in_a_terminal,
     )
 
 
