@@ -725,10 +725,10 @@ class PopulationInstruments:
                 self.jacobian_x[members],
                 pop.cfg.model.residual,
             )
-            chunks.append(torch.stack(list(spectrum.metrics().values()), 1))
-        keys = spectrum.metrics()
+            metrics = spectrum.metrics()
+            chunks.append(torch.stack(list(metrics.values()), 1))
         columns = torch.cat(chunks).cpu().tolist()  # (M, keys): one sync
-        return [dict(zip(keys, row, strict=True)) for row in columns]
+        return [dict(zip(metrics, row, strict=True)) for row in columns]
 
     def sharpness(self, x: torch.Tensor, y: torch.Tensor) -> list[dict[str, float]]:
         """Every member's top Hessian eigenvalue on its own batch, from the same start as its lone run."""
