@@ -3,6 +3,7 @@
     python scripts/bench.py                 # the full table (a few minutes on 2 cores)
     python scripts/bench.py --quick         # smaller sizes, to check that it runs
     python scripts/bench.py --instruments   # only what the instruments cost (noise, sharpness, Jacobian)
+    python scripts/bench.py --overhead      # only the overhead table
 
 For each MLP size the same data, model and steps run as: the bare PyTorch loop (the floor), the harness
 with default settings (probes every 10 steps, MLflow logging into a SQLite store), and the harness
@@ -74,6 +75,7 @@ def harness(cfg: Config, folder: Path) -> tuple[float, float]:
 VARIANTS = {  # name -> overrides; "store" variants log into a fresh SQLite store
     "probes": ["tracking=none"],
     "default": [],
+    "no noise": ["tracking=none", "probes=full", "probes.noise=false"],
     "full probes": ["tracking=none", "probes=full"],
     "full+store": ["probes=full"],
 }
@@ -290,6 +292,7 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps")
     parser.add_argument("--instruments", action="store_true", help="only the instruments' table")
+    parser.add_argument("--overhead", action="store_true", help="only the overhead table")
     args = parser.parse_args()
     sizes = [(8, 64), (8, 256), (32, 64), (32, 256)]
     steps, repeats = (60, 2) if args.quick else (300, 3)
@@ -301,7 +304,8 @@ def main() -> None:
 
     print(f"overhead of the harness: loop time / bare PyTorch loop, median of {repeats} alternating runs")
     print("  probes: default probes (every 10 steps), no store; default: the same logged to MLflow (SQLite)")
-    print("  full probes: every quantity every step, no store; full+store: the same logged to MLflow")
+    print("  full probes: every quantity every step (probes=full), no store; full+store: the same logged to")
+    print("  MLflow; no noise: full probes without the per-example gradient noise (probes.noise=false)")
     print(
         f"{'depth':>5} {'width':>5} {'steps':>5} {'bare s':>7}" + "".join(f" {name:>11}" for name in VARIANTS)
     )
@@ -309,6 +313,8 @@ def main() -> None:
         ratios = "".join(f" {r[name]:10.2f}x" for name in VARIANTS)
         print(f"{r['depth']:5d} {r['width']:5d} {r['steps']:5d} {r['bare_s']:7.2f}{ratios}")
     print("targets: default <= 1.10x, every step with all quantities <= 1.50x\n")
+    if args.overhead:
+        return
 
     print("fixed cost of one run (not in the ratios above)")
     for key, value in fixed_costs().items():
