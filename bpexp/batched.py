@@ -39,7 +39,7 @@ from bpexp.sqlstore import start_runs
 from bpexp.sweep import launching_link
 from bpexp.theory import Prediction
 from bpexp.tracking import NullTracker, Tracker, make_tracker, resolve_uri, sweep_link
-from bpexp.train import Run, finish, name_in_sweep, recorded, resumed, run_name, run_start
+from bpexp.train import Run, finish, name_in_sweep, recorded, resolve_device, resumed, run_name, run_start
 
 log = logging.getLogger("bpexp.batched")
 
@@ -90,6 +90,7 @@ def train_jobs(
             job.cfg.device = Device(device)
         job.cfg.train.threads = threads or usable_cores()
     try:
+        resolve_device(Device(device), key="hydra.launcher.device")  # checked where the population trains
         population = Population([job.cfg for job in jobs])
         trackers = open_runs(jobs, population.members, launch_dir, tags)
     except Exception as err:

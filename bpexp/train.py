@@ -403,11 +403,12 @@ def config_yaml(cfg: Config) -> str:
     return yaml.dump(plain(cfg), default_flow_style=False, allow_unicode=True, sort_keys=False, Dumper=dumper)
 
 
-def resolve_device(device: Device) -> torch.device:
+def resolve_device(device: Device, key: str = "device") -> torch.device:
+    """The torch device; `key` names the setting that asked for it in the error."""
     if device == Device.auto:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == Device.cuda and not torch.cuda.is_available():
-        raise ConfigError("device='cuda' is not allowed here: no CUDA device is visible; use auto or cpu")
+        raise ConfigError(f"{key}='cuda' is not allowed here: no CUDA device is visible; use auto or cpu")
     return torch.device(device.value)
 
 

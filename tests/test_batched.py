@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
@@ -82,6 +83,17 @@ def test_a_population_that_raises_fails_its_members_and_the_sweep(tmp_path):
     for run in by_path[str(bad)]:
         traceback = Path(client.download_artifacts(run.info.run_id, "traceback.txt", str(tmp_path)))
         assert "non-finite" in traceback.read_text()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")
+def test_a_launcher_device_not_on_the_machine_fails_each_job_naming_the_launchers_key(tmp_path):
+    args = [*TINY, "train.steps=2", "seed=0,1", "hydra.launcher.device=cuda"]
+    command = cli("-m", *args, f"hydra.sweep.dir={tmp_path}/sweep")
+    done = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stdout[-2000:]
+    said = "hydra.launcher.device='cuda' is not allowed here: no CUDA device is visible; use auto or cpu"
+    lost = [line for line in done.stderr.splitlines() if line.endswith(f"failed (ConfigError: {said})")]
+    assert len(lost) == 2, done.stderr[-3000:]
 
 
 @pytest.mark.slow
